@@ -1,0 +1,29 @@
+"""What every entry point shares: logging set-up and turning user errors into one line + exit 2."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from typing import Iterator
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("alembic", "mlflow", "urllib3", "git", "optuna"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def user_errors(prog: str) -> Iterator[None]:
+    """Bad input -> ``prog: error: <one line>`` on stderr and exit status 2, no traceback."""
+    from harness.spec import UserError
+
+    try:
+        yield
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

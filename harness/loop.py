@@ -1,0 +1,151 @@
+"""The train/validate loop: plain functions over (model, batches, optimizer, device), metric dicts out.
+
+The policy (harness.modes) decides the mode calls, so the correct loop reads like the textbook and a
+bug is a policy passed in. Nothing here knows about MLflow: running losses go to a callback.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from harness.guard import ModeGuard
+from harness.modes import Correct
+
+CORRECT = Correct()
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def _guarded(guard: ModeGuard | None, phase: str):
+    return guard.phase(phase) if guard is not None else contextlib.nullcontext()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    *,
+    epoch: int = 1,
+    policy: Correct = CORRECT,
+    guard: ModeGuard | None = None,
+    log_every: int = 10,
+    on_running_loss: Callable[[int, float], None] | None = None,
+    step_offset: int = 0,
+) -> dict[str, float]:
+    """One epoch of training. ``on_running_loss(global_batch_index, mean_loss)`` every ``log_every``
+    batches. Returns ``train/loss`` (mean over examples) and ``train/acc``."""
+    loss_fn = nn.CrossEntropyLoss()
+    policy.start_epoch(model, epoch)  # the textbook: model.train()
+    total_loss = torch.zeros((), device=device)
+    window_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    with _guarded(guard, "train"):
+        for i, (x, y) in enumerate(batches, start=1):
+            policy.zero_grad(optimizer)  # the textbook: optimizer.zero_grad()
+            out = model(x)
+            loss = loss_fn(out, y)
+            loss.backward()
+            optimizer.step()
+            n = y.shape[0]
+            total_loss += loss.detach() * n
+            window_loss += loss.detach()
+            correct += (out.detach().argmax(1) == y).sum()
+            seen += n
+            if i % log_every == 0:
+                running = float(window_loss) / log_every  # one sync per window, not per batch
+                if not math.isfinite(running):
+                    raise Diverged(f"training loss is {running} at epoch {epoch}, batch {i}")
+                if on_running_loss is not None:
+                    on_running_loss(step_offset + i, running)
+                window_loss.zero_()
+    mean_loss = float(total_loss) / max(seen, 1)
+    if not math.isfinite(mean_loss):
+        raise Diverged(f"training loss is {mean_loss} at epoch {epoch}")
+    return {"train/loss": mean_loss, "train/acc": float(correct) / max(seen, 1)}
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Iterable,
+    device: torch.device,
+    *,
+    policy: Correct = CORRECT,
+    guard: ModeGuard | None = None,
+    prefix: str = "val",
+    keep_predictions: bool = False,
+) -> dict:
+    """Loss and argmax accuracy over ``batches``. Runs in its own RNG stream (``fork_rng``), so dropout
+    at evaluation never shifts the random numbers training sees next: arms stay paired.
+
+    With ``keep_predictions`` the result also holds ``predictions`` and ``targets`` (CPU tensors) for
+    per-example tests."""
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    devices = [device] if device.type == "cuda" else []
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    preds, targets = [], []
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=devices), _guarded(guard, prefix):
+        policy.start_eval(model)  # the textbook: model.eval()
+        with policy.eval_context():  # the textbook: torch.no_grad()
+            for x, y in batches:
+                out = policy.predict(model, x)
+                total_loss += loss_fn(out, y).detach()
+                p = out.detach().argmax(1)
+                correct += (p == y).sum()
+                seen += y.shape[0]
+                if keep_predictions:
+                    preds.append(p.cpu())
+                    targets.append(y.cpu())
+    result: dict = {
+        f"{prefix}/loss": float(total_loss) / max(seen, 1),
+        f"{prefix}/acc": float(correct) / max(seen, 1),
+        f"{prefix}/seconds": time.perf_counter() - start,
+    }
+    if keep_predictions:
+        result["predictions"] = torch.cat(preds)
+        result["targets"] = torch.cat(targets)
+    return result
+
+
+def sanity_check(model: nn.Module, batch, optimizer: torch.optim.Optimizer) -> list[str]:
+    """One optimizer step on one batch, on copies: the loss must fall and every trainable parameter
+    must get a gradient. Returns the problems found (empty when healthy); the model is untouched."""
+    x, y = batch
+    probe = copy.deepcopy(model)
+    opt = type(optimizer)([p for p in probe.parameters() if p.requires_grad], **optimizer.defaults)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def eval_loss() -> float:
+        probe.eval()  # deterministic: no dropout noise in the comparison
+        with torch.no_grad():
+            return float(loss_fn(probe(x), y))
+
+    problems: list[str] = []
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        before = eval_loss()
+        probe.train()
+        opt.zero_grad()
+        loss_fn(probe(x), y).backward()
+        missing = [n for n, p in probe.named_parameters() if p.requires_grad and p.grad is None]
+        if missing:
+            problems.append(f"no gradient reaches {', '.join(missing)}")
+        opt.step()
+        after = eval_loss()
+    if not math.isfinite(before):
+        problems.append(f"the initial loss is {before}")
+    elif not after < before:
+        problems.append(f"one step did not lower the loss on its own batch ({before:.4f} -> "
+                        f"{after:.4f}): check the learning rate")
+    return problems

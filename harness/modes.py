@@ -1,0 +1,147 @@
+"""Mode policies: the correct loop and each injected mode bug, in ONE place.
+
+The loop calls a policy at five points (run start, epoch start, evaluation start, the gradient
+context of evaluation, zero_grad) and for each prediction. :class:`Correct` is the textbook; every bug
+is a subclass that overrides the few lines it gets wrong, marked ``# BUG``.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+def is_stochastic(m: nn.Module) -> bool:
+    """Dropout and custom layers that flag themselves ``mode_dependent`` (e.g. GaussianNoise)."""
+    return isinstance(m, nn.modules.dropout._DropoutNd) or bool(getattr(m, "mode_dependent", False))
+
+
+def is_batchnorm(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._BatchNorm)
+
+
+def is_mode_sensitive(m: nn.Module) -> bool:
+    return is_stochastic(m) or is_batchnorm(m)
+
+
+class Correct:
+    """The textbook loop: ``model.train()`` every epoch, ``model.eval()`` + ``no_grad`` to evaluate."""
+
+    name = "none"
+    allows_stochastic_eval = False  # the guard accepts dropout at evaluation only when this is True
+
+    def __init__(self, frozen: Sequence[str] = (), mc_samples: int = 10):
+        self.frozen = tuple(frozen)
+        self.mc_samples = mc_samples
+
+    def start_run(self, model: nn.Module) -> None:
+        """Once, before the first epoch: freeze the declared submodules (no gradients, eval mode)."""
+        for name in self.frozen:
+            sub = model.get_submodule(name)
+            sub.requires_grad_(False)
+            sub.eval()
+
+    def start_epoch(self, model: nn.Module, epoch: int) -> None:
+        model.train()
+        self._keep_frozen_in_eval(model)
+
+    def start_eval(self, model: nn.Module) -> None:
+        model.eval()
+
+    def eval_context(self) -> contextlib.AbstractContextManager:
+        return torch.no_grad()
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+
+    def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return model(x)
+
+    def _keep_frozen_in_eval(self, model: nn.Module) -> None:
+        # model.train() flips every submodule, frozen ones too: put them back.
+        for name in self.frozen:
+            model.get_submodule(name).eval()
+
+
+class NoEval(Correct):
+    """Validation without ``model.eval()``: dropout stays on, BatchNorm uses and updates batch stats."""
+
+    name = "no_eval"
+
+    def start_eval(self, model: nn.Module) -> None:
+        pass  # BUG: model.eval() forgotten
+
+
+class TrainOnce(Correct):
+    """``model.train()`` once before the epoch loop: after the first validation, training runs in eval mode."""
+
+    name = "train_once"
+
+    def start_run(self, model: nn.Module) -> None:
+        super().start_run(model)
+        model.train()  # BUG: the only call, before the epoch loop
+        self._keep_frozen_in_eval(model)
+
+    def start_epoch(self, model: nn.Module, epoch: int) -> None:
+        pass  # BUG: no model.train() at the start of each epoch
+
+
+class NoGradMissing(Correct):
+    """Validation without ``torch.no_grad()``: same numbers, an autograd graph built for nothing."""
+
+    name = "no_grad_missing"
+
+    def eval_context(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # BUG: no torch.no_grad()
+
+
+class NoZeroGrad(Correct):
+    """``optimizer.zero_grad()`` forgotten: every step uses the sum of all gradients so far."""
+
+    name = "no_zero_grad"
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        pass  # BUG: gradients accumulate across steps
+
+
+class MCDropout(Correct):
+    """The deliberate counterpart of ``no_eval``: dropout on at evaluation, BatchNorm in eval mode,
+    softmax averaged over ``mc_samples`` passes. Not a bug; the guard allows it."""
+
+    name = "mc_dropout"
+    allows_stochastic_eval = True
+
+    def start_eval(self, model: nn.Module) -> None:
+        model.eval()
+        for m in model.modules():
+            if is_stochastic(m):
+                m.train()
+
+    def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([torch.softmax(model(x), dim=1) for _ in range(self.mc_samples)]).mean(0)
+        # log of the mean probability: cross-entropy on it is the predictive NLL.
+        return torch.log(probs.clamp_min(1e-12))
+
+
+class PartialFreeze(Correct):
+    """A frozen feature extractor put in ``eval()`` once, silently undone by every ``model.train()``:
+    its BatchNorm statistics drift with the training batches although its weights are frozen."""
+
+    name = "partial_freeze"
+
+    def __init__(self, frozen: Sequence[str] = (), mc_samples: int = 10):
+        super().__init__(frozen or ("features",), mc_samples)
+
+    def start_epoch(self, model: nn.Module, epoch: int) -> None:
+        model.train()  # BUG: also flips the frozen features back to training mode
+
+
+POLICIES: dict[str, type[Correct]] = {
+    p.name: p for p in (Correct, NoEval, TrainOnce, NoGradMissing, NoZeroGrad, MCDropout, PartialFreeze)
+}
+
+
+def get_policy(name: str, frozen: Sequence[str] = (), mc_samples: int = 10) -> Correct:
+    return POLICIES[name](frozen, mc_samples)

@@ -1,0 +1,52 @@
+"""python -m harness.train SPEC [key=value ...] [--resume RUN_ID]: one run, tracked in MLflow."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m harness.train",
+        description="Train one experiment spec and log it to MLflow "
+                    "(MLFLOW_TRACKING_URI, default sqlite:///mlflow.db).",
+        epilog="example: python -m harness.train experiments/digits_lenet.yaml optimizer.lr=0.01 "
+               "model.dropout=0.3",
+    )
+    p.add_argument("spec", help="experiment spec (YAML), e.g. experiments/digits_lenet.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="typed spec overrides")
+    p.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
+    p.add_argument("--run-name", help="MLflow run name")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from harness.cli import setup_logging, user_errors
+
+    setup_logging()
+    with user_errors("harness.train"):
+        from harness.loop import Diverged
+        from harness.run import run
+        from harness.spec import load_spec
+        from harness.stores import tracking_uri
+
+        spec = load_spec(args.spec, args.overrides)
+        try:
+            result = run(spec, run_name=args.run_name, resume_run_id=args.resume, progress=not args.quiet)
+        except Diverged as e:
+            print(f"harness.train: the run diverged and was marked FAILED: {e}; "
+                  f"lower optimizer.lr", file=sys.stderr)
+            return 1
+        m = result.metrics
+        print(f"run {result.run_id}: val/acc {m['val/acc']:.4f} (best {result.best:.4f}), "
+              f"test/acc {m['test/acc']:.4f}, {result.seconds:.1f}s")
+        if result.guard:
+            print(f"mode guard findings: {result.guard}")
+        print(f"browse: mlflow ui --backend-store-uri {tracking_uri()}  (http://127.0.0.1:5000)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Shared fixtures: every test that touches MLflow gets its own temporary store (no network, ever)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Tiny, fast settings for the offline digits set: a handful of quick epochs.
+TINY = ["train.epochs=2", "train.log_model=false", "train.sanity_check=false", "guard=warn"]
+
+
+@pytest.fixture()
+def store(tmp_path, monkeypatch):
+    """A fresh MLflow store + working directory (so mlruns/ and checkpoints land in tmp_path)."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+def run_cli(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: float = 300,
+            **kw) -> subprocess.CompletedProcess:
+    """``python -m module args`` in ``cwd`` with the test's environment, output captured as text."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def all_runs(uri: str, experiment: str | None = None):
+    """Every run in the store (all experiments unless one is named), as MLflow Run objects."""
+    from mlflow import MlflowClient
+
+    c = MlflowClient(uri)
+    exps = [e.experiment_id for e in c.search_experiments()
+            if experiment is None or e.name == experiment]
+    return c.search_runs(exps, max_results=10_000) if exps else []
