@@ -27,12 +27,14 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging()
     with user_errors("harness.train"):
+        from harness.spec import load_spec
+
+        # Validate before importing torch and MLflow: a bad spec fails in well under a second.
+        spec = load_spec(args.spec, args.overrides)
         from harness.loop import Diverged
         from harness.run import run
-        from harness.spec import load_spec
         from harness.stores import tracking_uri
 
-        spec = load_spec(args.spec, args.overrides)
         try:
             result = run(spec, run_name=args.run_name, resume_run_id=args.resume, progress=not args.quiet)
         except Diverged as e:
