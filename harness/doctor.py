@@ -1,0 +1,464 @@
+"""The storage doctor: checks the Optuna storage and the MLflow store a sweep would use, before it starts.
+
+    python -m harness.doctor [--storage URL] [--workers K] [--study NAME]
+    python -m harness.sweep --check-storage ...     (the same checks, the sweep's own options)
+
+Checks, one clear line per problem: each store is reachable; its schema is ready (or absent and
+creatable: the first sweep creates it) and of this Optuna / MLflow version; SQLite is not used with
+several workers; no trial is left stale in state RUNNING; Optuna and MLflow do not share one database.
+Exit status 0 when all is well, 2 when there are problems. Nothing is written to either store.
+URLs are printed with their passwords masked.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The sweep's heartbeat on RDB storages: a trial whose heartbeat is older than the grace period is
+# stale (its worker died); the sweep fails it and RetryHeartbeatStaleTrialCallback retries it.
+HEARTBEAT_INTERVAL_S = 10
+GRACE_PERIOD_S = 30
+# Without a heartbeat (journal file) a RUNNING trial cannot be told from one that is still running
+# elsewhere, unless its worker recorded host and pid and that process is gone. Past this age it is
+# reported as probably stale.
+STALE_AFTER_S = 6 * 3600
+
+OPTUNA_TABLES = {"studies", "trials", "trial_values", "trial_params", "version_info"}
+MLFLOW_TABLES = {"experiments", "runs", "metrics", "params", "tags"}
+CONNECT_TIMEOUT_S = 5
+
+
+@dataclass
+class Report:
+    ok: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def extend(self, other: "Report") -> "Report":
+        self.ok += other.ok
+        self.warnings += other.warnings
+        self.problems += other.problems
+        return self
+
+
+def mask(url: str) -> str:
+    from harness.stores import mask_url
+
+    return mask_url(url)
+
+
+def default_storage() -> str:
+    from harness import stores
+
+    return stores.DEFAULT_OPTUNA_JOURNAL
+
+
+def storage_kind(storage: str) -> str:
+    """``journal`` (a file path), ``sqlite``, or ``rdb`` (a database server: postgresql, mysql...)."""
+    if storage.startswith("sqlite"):
+        return "sqlite"
+    if "://" in storage:
+        return "journal" if storage.startswith("journal") else "rdb"
+    return "journal"
+
+
+def journal_path(storage: str) -> Path:
+    return Path(storage.split("://", 1)[1] if "://" in storage else storage)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a ``sqlite:///...`` URL (None for in-memory)."""
+    from sqlalchemy.engine import make_url
+
+    db = make_url(url).database
+    return None if not db or db == ":memory:" else Path(db)
+
+
+def _engine(url: str):
+    import sqlalchemy
+
+    connect_args = {}
+    if url.startswith(("postgresql", "mysql")):
+        connect_args["connect_timeout"] = CONNECT_TIMEOUT_S
+    return sqlalchemy.create_engine(url, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
+
+
+def _first_line(e: BaseException) -> str:
+    # SQLAlchemy appends a background link and the SQL; the driver's first line says what went wrong.
+    text = str(getattr(e, "orig", None) or e).strip()
+    return (text.splitlines() or [type(e).__name__])[0][:200]
+
+
+def _can_create_tables(conn, url: str) -> bool | None:
+    if not url.startswith("postgresql"):
+        return None
+    import sqlalchemy
+
+    return bool(conn.execute(sqlalchemy.text(
+        "SELECT has_schema_privilege(current_user, 'public', 'CREATE')")).scalar())
+
+
+# -- Optuna ------------------------------------------------------------------------------------------
+
+def check_optuna(storage: str | None, *, workers: int = 1, study: str | None = None,
+                 grace_period: int = GRACE_PERIOD_S, stale_after: int = STALE_AFTER_S) -> Report:
+    storage = storage or default_storage()
+    kind = storage_kind(storage)
+    name = f"Optuna storage {mask(storage)}"
+    if kind == "sqlite" and workers > 1:
+        r = Report(problems=[f"{name}: SQLite with --workers {workers}: SQLite locks under several "
+                             f"writers; use the journal file (the default, one machine) or PostgreSQL "
+                             f"(several machines)"])
+        return r.extend(_check_rdb(storage, name, study, grace_period, stale_after, local=True))
+    if kind == "journal":
+        return _check_journal(journal_path(storage), name, study, stale_after)
+    return _check_rdb(storage, name, study, grace_period, stale_after, local=kind == "sqlite")
+
+
+def _check_journal(path: Path, name: str, study: str | None, stale_after: int) -> Report:
+    r = Report()
+    if not path.exists():
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.exists():
+            r.problems.append(f"{name}: directory {parent} does not exist; create it or pass another "
+                              f"--storage")
+        elif not os.access(parent, os.W_OK):
+            r.problems.append(f"{name}: directory {parent} is not writable")
+        else:
+            r.ok.append(f"{name}: not created yet (the first sweep creates it)")
+        return r
+    if not os.access(path, os.R_OK | os.W_OK):
+        r.problems.append(f"{name}: not readable and writable by this user")
+        return r
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    try:
+        st = JournalStorage(JournalFileBackend(str(path)))
+        studies = st.get_all_studies()
+    except Exception as e:  # a torn or foreign file
+        r.problems.append(f"{name}: cannot be read as an Optuna journal ({_first_line(e)})")
+        return r
+    r.ok.append(f"{name}: readable, {len(studies)} stud{'y' if len(studies) == 1 else 'ies'}")
+    now = dt.datetime.now()
+    for s in studies:
+        if study and s.study_name != study:
+            continue
+        for t in st.get_all_trials(s._study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            why = _journal_stale(t, now, stale_after)
+            if why:
+                r.problems.append(f"{name}: study {s.study_name!r} trial {t.number} is RUNNING but "
+                                  f"{why}; the next sweep start marks it FAIL (and retries it)")
+    return r
+
+
+def _journal_stale(trial, now: dt.datetime, stale_after: int) -> str | None:
+    """Why a RUNNING trial without heartbeat looks stale, or None when it may still be running."""
+    import platform
+
+    attrs = {**trial.system_attrs, **trial.user_attrs}
+    host, pid = attrs.get("host") or attrs.get("worker_host"), attrs.get("pid") or attrs.get("worker_pid")
+    if host == platform.node() and pid:
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return f"its worker (pid {pid} on this host) is gone"
+        except (PermissionError, ValueError):
+            pass
+        return None
+    if trial.datetime_start and (now - trial.datetime_start).total_seconds() > stale_after:
+        return f"started {_ago(now - trial.datetime_start)} ago"
+    return None
+
+
+def _ago(delta: dt.timedelta) -> str:
+    s = int(delta.total_seconds())
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _check_rdb(url: str, name: str, study: str | None, grace_period: int, stale_after: int,
+               local: bool) -> Report:
+    import sqlalchemy
+
+    r = Report()
+    if local:
+        path = sqlite_path(url)
+        if path is not None and not path.exists():
+            parent = path.parent
+            if not parent.exists():
+                r.problems.append(f"{name}: directory {parent} does not exist")
+            else:
+                r.ok.append(f"{name}: not created yet (the first sweep creates it)")
+            return r
+    try:
+        engine = _engine(url)
+        with engine.connect() as conn:
+            tables = set(sqlalchemy.inspect(conn).get_table_names())
+            creatable = _can_create_tables(conn, url)
+    except Exception as e:
+        r.problems.append(f"{name}: not reachable ({_first_line(e)})")
+        return r
+    if tables & MLFLOW_TABLES:
+        r.problems.append(f"{name}: this database also holds MLflow's tables; Optuna and MLflow both "
+                          f"keep an alembic_version table: give each its own database")
+        return r
+    if not tables & OPTUNA_TABLES:
+        if creatable is False:
+            r.problems.append(f"{name}: reachable, no Optuna tables yet, and this user may not create "
+                              f"tables in schema public (GRANT CREATE ON SCHEMA public, or make the user "
+                              f"the database owner)")
+        else:
+            r.ok.append(f"{name}: reachable, empty (the first sweep creates Optuna's tables)")
+        return r
+    head, current = _optuna_schema(engine)
+    if current != head:
+        r.problems.append(f"{name}: schema version {current} is not this Optuna's ({head}); back it up "
+                          f"and run `optuna storage upgrade --storage <URL>`")
+        return r
+    r.extend(_stale_rdb(url, name, study, grace_period, stale_after))
+    return r
+
+
+def _optuna_schema(engine) -> tuple[str, str | None]:
+    import optuna.storages._rdb as rdb
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory(os.path.join(os.path.dirname(rdb.__file__), "alembic")).get_current_head()
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    return head, current
+
+
+def _stale_rdb(url: str, name: str, study: str | None, grace_period: int, stale_after: int) -> Report:
+    import warnings
+
+    import optuna
+    from optuna.storages import RDBStorage
+
+    r = Report()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # heartbeat_interval is "experimental"
+        # The tables exist and are at head, so opening it writes nothing.
+        st = RDBStorage(url, engine_kwargs={"poolclass": __import__("sqlalchemy").pool.NullPool},
+                        skip_table_creation=True, heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                        grace_period=grace_period)
+    try:
+        studies = st.get_all_studies()
+        if study and study not in {s.study_name for s in studies}:
+            r.ok.append(f"{name}: reachable, schema ready; study {study!r} not created yet")
+            return r
+        r.ok.append(f"{name}: reachable, schema ready, {len(studies)} "
+                    f"stud{'y' if len(studies) == 1 else 'ies'}")
+        now = dt.datetime.now()
+        for s in studies:
+            if study and s.study_name != study:
+                continue
+            running = st.get_all_trials(s._study_id, deepcopy=False,
+                                        states=(optuna.trial.TrialState.RUNNING,))
+            if not running:
+                continue
+            stale = set(st._get_stale_trial_ids(s._study_id))
+            with_heartbeat = _trials_with_heartbeat(st, [t._trial_id for t in running])
+            for t in running:
+                if t._trial_id in stale:
+                    why = f"its heartbeat stopped more than {grace_period}s ago (its worker died)"
+                elif t._trial_id not in with_heartbeat:
+                    why = _journal_stale(t, now, stale_after)
+                    if why:
+                        why += " and it has no heartbeat"
+                else:
+                    why = None
+                if why:
+                    r.problems.append(f"{name}: study {s.study_name!r} trial {t.number} is RUNNING but "
+                                      f"{why}; the next sweep start marks it FAIL (and retries it)")
+    finally:
+        st.engine.dispose()
+    return r
+
+
+def _trials_with_heartbeat(st, trial_ids: list[int]) -> set[int]:
+    import sqlalchemy
+
+    if not trial_ids:
+        return set()
+    with st.engine.connect() as conn:
+        rows = conn.execute(sqlalchemy.text("SELECT trial_id FROM trial_heartbeats WHERE trial_id IN "
+                                            f"({','.join(str(int(i)) for i in trial_ids)})"))
+        return {row[0] for row in rows}
+
+
+# -- MLflow ------------------------------------------------------------------------------------------
+
+def check_mlflow(uri: str | None = None) -> Report:
+    from harness import stores
+
+    uri = uri or stores.tracking_uri()
+    name = f"MLflow store {mask(uri)}"
+    r = Report()
+    if uri.startswith(("http://", "https://")):
+        return _check_mlflow_server(uri, name)
+    if uri.startswith("file:") or "://" not in uri:
+        r.problems.append(f"{name}: the old file store; MLflow 3.13+ refuses it: use sqlite:///mlflow.db "
+                          f"(the default) or a tracking server")
+        return r
+    if uri.startswith("databricks"):
+        r.ok.append(f"{name}: not checked (Databricks)")
+        return r
+    if uri.startswith("sqlite"):
+        path = sqlite_path(uri)
+        if path is not None and not path.exists():
+            if not path.parent.exists():
+                r.problems.append(f"{name}: directory {path.parent} does not exist")
+            else:
+                r.ok.append(f"{name}: not created yet (the first run creates it)")
+            return r
+    import sqlalchemy
+
+    try:
+        engine = _engine(uri)
+        with engine.connect() as conn:
+            tables = set(sqlalchemy.inspect(conn).get_table_names())
+            creatable = _can_create_tables(conn, uri)
+    except Exception as e:
+        r.problems.append(f"{name}: not reachable ({_first_line(e)})")
+        return r
+    if tables & OPTUNA_TABLES:
+        r.problems.append(f"{name}: this database also holds Optuna's tables; Optuna and MLflow both "
+                          f"keep an alembic_version table: give each its own database")
+        return r
+    if not tables & MLFLOW_TABLES:
+        if creatable is False:
+            r.problems.append(f"{name}: no MLflow tables yet, and this user may not create tables in "
+                              f"schema public")
+        else:
+            r.ok.append(f"{name}: reachable, empty (the first run creates MLflow's tables)")
+        return r
+    from alembic.runtime.migration import MigrationContext
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    head = _get_latest_schema_revision()
+    if current != head:
+        r.problems.append(f"{name}: schema version {current} is not this MLflow's ({head}); back it up "
+                          f"and run `mlflow db upgrade <URI>`")
+    else:
+        r.ok.append(f"{name}: reachable, schema ready")
+    return r
+
+
+def _check_mlflow_server(uri: str, name: str) -> Report:
+    from harness import stores
+
+    r = Report()
+    try:
+        stores.check_tracking_server(uri)
+    except stores.StoreError:
+        r.problems.append(f"{name}: tracking server not reachable (no answer on /health); start it "
+                          f"(scripts/servers.sh start) or fix MLFLOW_TRACKING_URI")
+        return r
+    # /health answers without the database; a real API call also checks the server's backend store.
+    import requests
+
+    try:
+        resp = requests.post(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search",
+                             json={"max_results": 1}, timeout=15, auth=_basic_auth(uri))
+    except requests.RequestException as e:
+        r.problems.append(f"{name}: the tracking server does not answer API calls ({type(e).__name__})")
+        return r
+    if resp.status_code in (401, 403):
+        r.problems.append(f"{name}: the tracking server refuses our credentials (HTTP {resp.status_code}); "
+                          f"set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
+    elif resp.status_code != 200:
+        r.problems.append(f"{name}: the tracking server answers /health but its API fails "
+                          f"(HTTP {resp.status_code}): is its backend database up?")
+    else:
+        r.ok.append(f"{name}: tracking server reachable, its backend store answers")
+    return r
+
+
+def _basic_auth(uri: str):
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(uri)
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or parts.username
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD") or parts.password
+    return (user, password) if user and password else None
+
+
+# -- together ----------------------------------------------------------------------------------------
+
+def check(storage: str | None = None, tracking_uri: str | None = None, *, workers: int = 1,
+          study: str | None = None, grace_period: int = GRACE_PERIOD_S,
+          stale_after: int = STALE_AFTER_S) -> Report:
+    """Every check; nothing is written to either store."""
+    from harness import stores
+
+    storage = storage or default_storage()
+    tracking_uri = tracking_uri or stores.tracking_uri()
+    r = check_optuna(storage, workers=workers, study=study, grace_period=grace_period,
+                     stale_after=stale_after)
+    r.extend(check_mlflow(tracking_uri))
+    if storage_kind(storage) == "rdb" and not tracking_uri.startswith(("http://", "https://",
+                                                                       "postgresql", "mysql")):
+        r.warnings.append(f"the Optuna storage is shared but the MLflow store {mask(tracking_uri)} is "
+                          f"local to this machine: workers on other machines cannot log under the same "
+                          f"parent run; set MLFLOW_TRACKING_URI to the team's mlflow server")
+    if storage_kind(storage) == "rdb" and storage == tracking_uri:
+        r.problems.append("the Optuna storage and the MLflow store are the same database; give each "
+                          "its own")
+    return r
+
+
+def print_report(r: Report, file=sys.stdout) -> None:
+    for line in r.ok:
+        print(f"ok: {line}", file=file)
+    for line in r.warnings:
+        print(f"warning: {line}", file=file)
+    for line in r.problems:
+        print(f"problem: {line}", file=file)
+    n = len(r.problems)
+    print(f"storage doctor: {'no problems' if not n else f'{n} problem' + ('s' if n > 1 else '')}",
+          file=file)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m harness.doctor",
+        description="Check the Optuna storage and the MLflow store (MLFLOW_TRACKING_URI) before a sweep: "
+                    "reachable, schema ready, SQLite not used with several workers, no stale RUNNING "
+                    "trials. Exit status 2 when there are problems. Writes nothing.")
+    p.add_argument("--storage", help="Optuna storage URL or journal file (default mlruns/optuna.journal)")
+    p.add_argument("--workers", type=int, default=1, help="workers the sweep will run on this machine")
+    p.add_argument("--study", help="only look at this study's trials")
+    p.add_argument("--grace-period", type=int, default=GRACE_PERIOD_S,
+                   help=f"seconds without heartbeat before a RUNNING trial is stale (default {GRACE_PERIOD_S})")
+    p.add_argument("--stale-after", type=int, default=STALE_AFTER_S,
+                   help="seconds after which a RUNNING trial without heartbeat is reported "
+                        f"(default {STALE_AFTER_S})")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m harness.doctor``; returns 0 (all well) or 2 (problems)."""
+    args = parse_args(argv)
+    import logging
+
+    from harness.cli import setup_logging
+
+    setup_logging()
+    logging.getLogger("sqlalchemy").setLevel(logging.ERROR)
+    report = check(args.storage, workers=args.workers, study=args.study, grace_period=args.grace_period,
+                   stale_after=args.stale_after)
+    print_report(report)
+    return 2 if report.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The storage doctor on local stores (no server): one clear line per problem, exit 2, nothing written.
+The same checks against real PostgreSQL and an mlflow server are in test_postgres.py."""
+from __future__ import annotations
+
+import platform
+import socket
+import sqlite3
+import pytest
+
+from conftest import run_cli
+from harness import doctor
+
+pytestmark = pytest.mark.filterwarnings("ignore")  # Optuna's "experimental" heartbeat, SQLAlchemy deprecations
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _quiet_optuna():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def test_fresh_project_is_fine_and_nothing_is_created(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "mlruns").mkdir()
+    r = doctor.check(workers=2)
+    assert r.problems == [] and r.warnings == []
+    assert any("optuna.journal: not created yet" in line for line in r.ok)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlruns"]
+    assert list((tmp_path / "mlruns").iterdir()) == []
+
+
+def test_cli_exit_status_and_one_line_per_problem(tmp_path):
+    port = _free_port()
+    out = run_cli("harness.doctor", "--storage", f"sqlite:///{tmp_path}/optuna.db", "--workers", "3",
+                  cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}, timeout=60)
+    assert out.returncode == 2, out.stderr
+    problems = [line for line in out.stdout.splitlines() if line.startswith("problem: ")]
+    assert len(problems) == 2, out.stdout
+    assert "SQLite with --workers 3" in problems[0]
+    assert f"http://127.0.0.1:{port}" in problems[1] and "not reachable" in problems[1]
+    assert out.stdout.rstrip().endswith("storage doctor: 2 problems")
+    assert "Traceback" not in out.stderr
+
+
+def test_cli_ok(tmp_path):
+    (tmp_path / "mlruns").mkdir()
+    out = run_cli("harness.doctor", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": ""}, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "storage doctor: no problems" in out.stdout
+
+
+def test_unreachable_database_is_one_line_with_the_password_masked(tmp_path):
+    port = _free_port()
+    url = f"postgresql+psycopg2://alice:hunter2-secret@127.0.0.1:{port}/optuna"
+    r = doctor.check(url, f"sqlite:///{tmp_path}/mlflow.db")
+    assert len(r.problems) == 1
+    assert "not reachable" in r.problems[0] and "alice:***@" in r.problems[0]
+    assert "hunter2" not in repr(r)
+    assert any("local to this machine" in w for w in r.warnings)  # shared Optuna, local MLflow
+
+
+def test_old_file_store_is_a_problem(tmp_path):
+    r = doctor.check_mlflow(str(tmp_path / "mlruns"))
+    assert len(r.problems) == 1 and "file store" in r.problems[0]
+
+
+def test_optuna_schema_too_old_names_the_upgrade_command(tmp_path):
+    optuna = _quiet_optuna()
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    optuna.create_study(storage=url, study_name="s")
+    with sqlite3.connect(tmp_path / "optuna.db") as c:
+        c.execute("UPDATE alembic_version SET version_num = 'v3.0.0.a'")
+    r = doctor.check_optuna(url)
+    assert len(r.problems) == 1
+    assert "schema version v3.0.0.a" in r.problems[0] and "optuna storage upgrade" in r.problems[0]
+
+
+def test_one_database_for_both_tools_is_a_problem(tmp_path):
+    from mlflow import MlflowClient
+
+    url = f"sqlite:///{tmp_path}/both.db"
+    MlflowClient(url).search_experiments()  # creates MLflow's tables
+    r = doctor.check_optuna(url)
+    assert len(r.problems) == 1 and "MLflow's tables" in r.problems[0]
+
+
+def test_stale_heartbeat_trial_is_reported(tmp_path):
+    optuna = _quiet_optuna()
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    storage = optuna.storages.RDBStorage(url, heartbeat_interval=1)
+    study = optuna.create_study(storage=storage, study_name="hb")
+    alive, dead = study.ask(), study.ask()
+    study.tell(study.ask(), 1.0)
+    storage.record_heartbeat(alive._trial_id)
+    storage.record_heartbeat(dead._trial_id)
+    with sqlite3.connect(tmp_path / "optuna.db") as c:  # the dead worker's last beat: an hour ago
+        c.execute("UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, '-1 hour') "
+                  "WHERE trial_id = ?", (dead._trial_id,))
+    storage.engine.dispose()
+    r = doctor.check_optuna(url, study="hb")
+    assert len(r.problems) == 1, r
+    assert f"trial {dead.number} is RUNNING" in r.problems[0] and "heartbeat stopped" in r.problems[0]
+
+
+def test_running_journal_trial_of_a_dead_local_worker_is_reported(tmp_path):
+    optuna = _quiet_optuna()
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    path = tmp_path / "optuna.journal"
+    storage = JournalStorage(JournalFileBackend(str(path)))
+    study = optuna.create_study(storage=storage, study_name="j")
+    mine, gone = study.ask(), study.ask()
+    import os
+
+    for trial, pid in ((mine, os.getpid()), (gone, 2**22 + 12345)):
+        storage.set_trial_system_attr(trial._trial_id, "host", platform.node())
+        storage.set_trial_system_attr(trial._trial_id, "pid", pid)
+    r = doctor.check_optuna(str(path))
+    assert len(r.problems) == 1, r
+    assert f"trial {gone.number} is RUNNING" in r.problems[0] and "is gone" in r.problems[0]
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_journal_with_workers_is_fine(tmp_path, workers):
+    r = doctor.check_optuna(str(tmp_path / "optuna.journal"), workers=workers)
+    assert r.problems == []
