@@ -89,8 +89,12 @@ def lenet(spec, input_shape: tuple[int, int, int], num_classes: int) -> nn.Modul
             layers.append(nn.BatchNorm2d(cout))
         layers += [nn.ReLU(), nn.MaxPool2d(2)]
     features = nn.Sequential(*layers)
+    # Probe the flattened size in eval mode: in training mode BatchNorm would fold this dummy batch
+    # of zeros into its running statistics before training starts.
+    features.eval()
     with torch.no_grad():
         flat = features(torch.zeros(1, c, h, w)).numel()
+    features.train()
     return Net(features, _head(flat, [120, 60], num_classes, spec), spec.noise_std)
 
 
