@@ -31,6 +31,9 @@ class Correct:
 
     name = "none"
     allows_stochastic_eval = False  # the guard accepts dropout at evaluation only when this is True
+    # What the policy changes relative to the textbook: "none", "eval" (only evaluation: an ablation
+    # may score it on the control's checkpoints) or "train" (needs its own training runs).
+    scope = "none"
 
     def __init__(self, frozen: Sequence[str] = (), mc_samples: int = 10):
         self.frozen = tuple(frozen)
@@ -69,6 +72,7 @@ class NoEval(Correct):
     """Validation without ``model.eval()``: dropout stays on, BatchNorm uses and updates batch stats."""
 
     name = "no_eval"
+    scope = "eval"
 
     def start_eval(self, model: nn.Module) -> None:
         pass  # BUG: model.eval() forgotten
@@ -78,6 +82,7 @@ class TrainOnce(Correct):
     """``model.train()`` once before the epoch loop: after the first validation, training runs in eval mode."""
 
     name = "train_once"
+    scope = "train"
 
     def start_run(self, model: nn.Module) -> None:
         super().start_run(model)
@@ -92,6 +97,7 @@ class NoGradMissing(Correct):
     """Validation without ``torch.no_grad()``: same numbers, an autograd graph built for nothing."""
 
     name = "no_grad_missing"
+    scope = "eval"
 
     def eval_context(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # BUG: no torch.no_grad()
@@ -101,6 +107,7 @@ class NoZeroGrad(Correct):
     """``optimizer.zero_grad()`` forgotten: every step uses the sum of all gradients so far."""
 
     name = "no_zero_grad"
+    scope = "train"
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         pass  # BUG: gradients accumulate across steps
@@ -111,6 +118,7 @@ class MCDropout(Correct):
     softmax averaged over ``mc_samples`` passes. Not a bug; the guard allows it."""
 
     name = "mc_dropout"
+    scope = "eval"
     allows_stochastic_eval = True
 
     def start_eval(self, model: nn.Module) -> None:
@@ -130,6 +138,7 @@ class PartialFreeze(Correct):
     its BatchNorm statistics drift with the training batches although its weights are frozen."""
 
     name = "partial_freeze"
+    scope = "train"
 
     def __init__(self, frozen: Sequence[str] = (), mc_samples: int = 10):
         super().__init__(frozen or ("features",), mc_samples)
@@ -144,4 +153,9 @@ POLICIES: dict[str, type[Correct]] = {
 
 
 def get_policy(name: str, frozen: Sequence[str] = (), mc_samples: int = 10) -> Correct:
-    return POLICIES[name](frozen, mc_samples)
+    """The policy for spec field ``mode_bug`` (``none`` is the textbook loop)."""
+    try:
+        cls = POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown mode_bug {name!r}; choose one of {sorted(POLICIES)}") from None
+    return cls(frozen, mc_samples)
