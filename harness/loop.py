@@ -95,10 +95,12 @@ def evaluate(
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     preds, targets = [], []
+    if devices:
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     with torch.random.fork_rng(devices=devices), _guarded(guard, prefix):
         policy.start_eval(model)  # the textbook: model.eval()
-        with policy.eval_context():  # the textbook: torch.no_grad()
+        with policy.eval_context(), _AutogradMemory() as graph:  # the textbook: torch.no_grad()
             for x, y in batches:
                 out = policy.predict(model, x)
                 total_loss += loss_fn(out, y).detach()
@@ -108,15 +110,50 @@ def evaluate(
                 if keep_predictions:
                     preds.append(p.cpu())
                     targets.append(y.cpu())
+                graph.next_batch()
     result: dict = {
         f"{prefix}/loss": float(total_loss) / max(seen, 1),
         f"{prefix}/acc": float(correct) / max(seen, 1),
         f"{prefix}/seconds": time.perf_counter() - start,
+        # what a missing torch.no_grad() costs: the largest batch's autograd graph (0 when off)
+        f"{prefix}/autograd_mb": graph.peak_bytes / 2**20,
     }
+    if devices:
+        result[f"{prefix}/peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     if keep_predictions:
         result["predictions"] = torch.cat(preds)
         result["targets"] = torch.cat(targets)
     return result
+
+
+class _AutogradMemory:
+    """Bytes autograd saves for backward, per batch (distinct storages, via saved_tensors_hooks).
+    Installs nothing when autograd is off, so a correct evaluation pays nothing for it."""
+
+    def __init__(self) -> None:
+        self.peak_bytes = 0
+        self._storages: dict[int, int] = {}
+        self._hooks: contextlib.AbstractContextManager | None = None
+
+    def __enter__(self) -> "_AutogradMemory":
+        if torch.is_grad_enabled():
+            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+            self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._hooks is not None:
+            self._hooks.__exit__(*exc)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        self._storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    def next_batch(self) -> None:
+        if self._storages:
+            self.peak_bytes = max(self.peak_bytes, sum(self._storages.values()))
+            self._storages.clear()
 
 
 def sanity_check(model: nn.Module, batch, optimizer: torch.optim.Optimizer) -> list[str]:

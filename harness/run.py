@@ -22,7 +22,7 @@ import torch
 from harness import checkpoint as ckpt
 from harness import stores
 from harness.data import Data, load_data
-from harness.guard import ModeGuard
+from harness.guard import ModeGuard, ModeGuardError
 from harness.loop import Diverged, evaluate, sanity_check, train_one_epoch
 from harness.models import build_model
 from harness.modes import Correct, get_policy
@@ -227,6 +227,14 @@ def run(
                 tracker.set_tags({"resumed_from_epoch": start_epoch - 1})
             result = _train(spec, parts, tracker, guard, run_id, start_epoch, best, history,
                             on_epoch, progress)
+            test = evaluate(model, parts.data.test, device, policy=policy, guard=guard, prefix="test")
+            if guard is not None:  # the test phase joins the last epoch's ledger and findings
+                _log_guard(tracker, guard, guard.end_epoch(result.epochs))
+                result.guard = guard.summary()
+        except ModeGuardError as e:  # guard: raise
+            tracker.flush()
+            tracker.set_tags({"failure_reason": str(e), f"mode_guard.{e.kind}": ",".join(e.modules)})
+            raise
         except Diverged as e:
             tracker.flush()
             tracker.set_tags({"failure_reason": f"diverged: {e}"})
@@ -241,7 +249,6 @@ def run(
         finally:
             if guard is not None:
                 guard.close()
-        test = evaluate(model, parts.data.test, device, policy=policy, guard=guard, prefix="test")
         test = {k: v for k, v in test.items() if k in ("test/loss", "test/acc")}
         tracker.log_metrics(test, step=result.epochs)
         tracker.flush()
@@ -297,11 +304,7 @@ def _train(spec: Spec, parts: Parts, tracker: Tracker, guard: ModeGuard | None, 
         metrics["time/train_epoch_s"] = time.perf_counter() - t
         metrics.update(evaluate(model, data.val, device, policy=policy, guard=guard, prefix="val"))
         if guard is not None:
-            report = guard.end_epoch(epoch)
-            metrics["mode_guard/findings"] = report["count"]
-            if report["findings"]:
-                tracker.set_tags({f"mode_guard.{k}": ",".join(v) for k, v in report["findings"].items()})
-            tracker.log_dict({str(k): v for k, v in guard.ledger.items()}, "mode_guard/ledger.json")
+            metrics["mode_guard/findings"] = _log_guard(tracker, guard, guard.end_epoch(epoch))
         tracker.log_metrics(metrics, step=epoch)
         tracker.flush()
         for k, v in metrics.items():
@@ -320,6 +323,15 @@ def _train(spec: Spec, parts: Parts, tracker: Tracker, guard: ModeGuard | None, 
     bar.close()
     return RunResult(run_id=run_id, metrics=dict(metrics), history=history, best=best, epochs=epochs,
                      guard=guard.summary() if guard is not None else {})
+
+
+def _log_guard(tracker: Tracker, guard: ModeGuard, report: dict) -> int:
+    """Tags ``mode_guard.<kind>`` (every module found so far) and the ledger; the epoch's count."""
+    if report["findings"]:
+        run_wide = guard.summary()
+        tracker.set_tags({f"mode_guard.{k}": ",".join(run_wide[k]) for k in report["findings"]})
+    tracker.log_dict({str(k): v for k, v in guard.ledger.items()}, "mode_guard/ledger.json")
+    return report["count"]
 
 
 def _copy(src: Path, dst: Path) -> Path:
