@@ -153,6 +153,12 @@ class Spec(_Section):
     train: TrainSpec = Field(default_factory=TrainSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
 
+    @field_validator("guard", mode="before")
+    @classmethod
+    def _guard_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `off` (guard: off, guard=off) as the boolean false.
+        return "off" if v is False else v
+
     @model_validator(mode="after")
     def _search_keys_exist(self) -> "Spec":
         flat = flatten(self.model_dump(exclude={"search"}))

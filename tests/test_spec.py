@@ -219,3 +219,13 @@ def test_default_search_space():
     assert set(p) == {"optimizer.lr", "optimizer.momentum", "model.dropout"}
     assert p["optimizer.lr"].log is True
     assert isinstance(load_spec(None), Spec)
+
+
+def test_guard_off_survives_yaml(tmp_path):
+    # YAML 1.1 turns a bare `off` into False: both the file and the override must still mean "off".
+    p = tmp_path / "g.yaml"
+    p.write_text("guard: off\n")
+    assert load_spec(p).guard == "off"
+    assert load_spec(None, ["guard=off"]).guard == "off"
+    with pytest.raises(SpecError, match="guard"):
+        load_spec(None, ["guard=true"])

@@ -1,0 +1,254 @@
+"""One run end to end on CPU, as a user starts it: ``python -m harness.train experiments/digits_lenet.yaml``.
+
+What must land in MLflow: the flattened params, per-epoch train/* and val/* curves (step = epoch),
+the running loss (step = global batch index), test/* at the end, the reproducibility tags, the resolved
+spec, checkpoints, and a model that loads back and predicts. Runs always end in a final state."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, all_runs, run_cli
+from harness.spec import UserError, load_spec
+
+DIGITS = str(ROOT / "experiments" / "digits_lenet.yaml")
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory, _migrated_mlflow_db):
+    """The issue's done criterion, run once for the module: the shipped spec, unchanged, via the CLI."""
+    from mlflow import MlflowClient
+
+    work = tmp_path_factory.mktemp("digits-run")
+    shutil.copyfile(_migrated_mlflow_db, work / "mlflow.db")
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    t = time.perf_counter()
+    r = run_cli("harness.train", DIGITS, "--quiet", cwd=work, env={"MLFLOW_TRACKING_URI": uri}, timeout=600)
+    seconds = time.perf_counter() - t
+    assert r.returncode == 0, r.stderr
+    (run,) = all_runs(uri)
+    return {"uri": uri, "work": work, "run": run, "client": MlflowClient(uri), "stdout": r.stdout,
+            "stderr": r.stderr, "seconds": seconds}
+
+
+def _history(client, run_id, key):
+    return client.get_metric_history(run_id, key)
+
+
+def test_done_criterion_val_acc_at_least_095(digits_run):
+    run, client = digits_run["run"], digits_run["client"]
+    assert run.info.status == "FINISHED"
+    val_acc = sorted(_history(client, run.info.run_id, "val/acc"), key=lambda m: m.step)
+    assert len(val_acc) == 20
+    assert val_acc[-1].step == 20 and val_acc[-1].value >= 0.95, [m.value for m in val_acc]
+    assert f"val/acc {val_acc[-1].value:.4f}" in digits_run["stdout"]
+    assert "Traceback" not in digits_run["stderr"]
+
+
+def test_params_are_the_flattened_spec(digits_run):
+    params = digits_run["run"].data.params
+    spec = load_spec(DIGITS)
+    for key, value in spec.params().items():
+        expected = json.dumps(list(value)) if isinstance(value, (list, tuple)) else str(value)
+        assert params[key] == expected, key
+    assert params["optimizer.lr"] == "0.05" and params["optimizer.momentum"] == "0.9"
+    assert params["model.dropout"] == "0.0" and params["mode_bug"] == "none"
+    assert params["seed"] == "0" and params["data.dataset"] == "digits"
+    assert params["data.size.train"] == "1150" and params["data.size.val"] == "288"
+
+
+def test_per_epoch_curves_step_is_the_epoch(digits_run):
+    run, client = digits_run["run"], digits_run["client"]
+    for key in ("train/loss", "train/acc", "val/loss", "val/acc"):
+        hist = _history(client, run.info.run_id, key)
+        assert sorted(m.step for m in hist) == list(range(1, 21)), key
+        assert all(math.isfinite(m.value) for m in hist)
+    acc = [m.value for m in sorted(_history(client, run.info.run_id, "train/acc"), key=lambda m: m.step)]
+    loss = [m.value for m in sorted(_history(client, run.info.run_id, "train/loss"), key=lambda m: m.step)]
+    assert all(0 <= a <= 1 for a in acc) and loss[-1] < loss[0] / 5  # it learned
+
+
+def test_running_loss_step_is_the_global_batch_index(digits_run):
+    run, client = digits_run["run"], digits_run["client"]
+    spec = load_spec(DIGITS)
+    n_batches = math.ceil(int(run.data.params["data.size.train"]) / spec.data.batch_size)
+    every = spec.train.log_every
+    expected = [(e - 1) * n_batches + i for e in range(1, spec.train.epochs + 1)
+                for i in range(every, n_batches + 1, every)]
+    steps = sorted(m.step for m in _history(client, run.info.run_id, "train/running_loss"))
+    assert steps == expected
+
+
+def test_test_metrics_at_the_end(digits_run):
+    run, client = digits_run["run"], digits_run["client"]
+    for key in ("test/loss", "test/acc"):
+        (m,) = _history(client, run.info.run_id, key)
+        assert m.step == 20
+    assert run.data.metrics["test/acc"] > 0.9
+
+
+def test_reproducibility_tags(digits_run):
+    tags = digits_run["run"].data.tags
+    assert re.fullmatch(r"[0-9a-f]{40}", tags["git_commit"])
+    assert tags["spec_hash"] == load_spec(DIGITS).hash()
+    assert tags["torch_version"] == torch.__version__
+    assert tags["device"] == "cpu"
+    assert tags["sanity_check"] == "ok"
+    inputs = digits_run["run"].inputs.dataset_inputs
+    assert inputs and inputs[0].dataset.name == "digits-val-sample"
+
+
+def test_resolved_spec_artifact(digits_run, tmp_path):
+    from mlflow.artifacts import download_artifacts
+
+    run = digits_run["run"]
+    path = download_artifacts(run_id=run.info.run_id, artifact_path="spec.yaml", dst_path=str(tmp_path),
+                              tracking_uri=digits_run["uri"])
+    spec = load_spec(path)
+    assert spec == load_spec(DIGITS)
+    assert spec.hash() == run.data.tags["spec_hash"]
+
+
+def test_checkpoints_last_and_best(digits_run, tmp_path):
+    from mlflow.artifacts import download_artifacts
+
+    from harness.checkpoint import load_checkpoint
+
+    run, client = digits_run["run"], digits_run["client"]
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert names == {"checkpoints/last.pt", "checkpoints/best.pt"}
+    get = lambda name: load_checkpoint(download_artifacts(  # noqa: E731
+        run_id=run.info.run_id, artifact_path=f"checkpoints/{name}", dst_path=str(tmp_path / name),
+        tracking_uri=digits_run["uri"]))
+    last, best = get("last.pt"), get("best.pt")
+    val_acc = [m.value for m in sorted(_history(client, run.info.run_id, "val/acc"), key=lambda m: m.step)]
+    assert last["epoch"] == 20 and last["spec_hash"] == run.data.tags["spec_hash"]
+    assert last["history"]["val/acc"] == val_acc
+    assert best["epoch"] == val_acc.index(max(val_acc)) + 1 and best["best"] == max(val_acc)
+    assert set(last) >= {"model", "optimizer", "epoch", "rng", "spec_hash"}
+
+
+def test_logged_model_loads_and_predicts(digits_run, tmp_path):
+    import mlflow
+
+    from harness.data import load_data
+    from harness.loop import evaluate
+    from harness.models import build_model
+
+    run = digits_run["run"]
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(digits_run["uri"])
+    try:
+        models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                             filter_string=f"source_run_id = '{run.info.run_id}'")
+        assert len(models) == 1 and models[0].name == "model"
+        assert run.outputs.model_outputs[0].model_id == models[0].model_id
+        model = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    spec = load_spec(DIGITS)
+    data = load_data(spec.data, spec.seed, torch.device("cpu"))
+    x, _ = next(iter(data.val))
+    assert model(x).shape == (len(x), 10)
+    # It is the final model: its accuracy on the validation split is the last val/acc logged.
+    m = evaluate(model, data.val, torch.device("cpu"))
+    assert m["val/acc"] == pytest.approx(run.data.metrics["val/acc"], abs=1.5 / data.sizes["val"])
+    # ... and the same weights as the last checkpoint.
+    from mlflow.artifacts import download_artifacts
+
+    from harness.checkpoint import load_checkpoint
+
+    state = load_checkpoint(download_artifacts(run_id=run.info.run_id, artifact_path="checkpoints/last.pt",
+                                               dst_path=str(tmp_path), tracking_uri=digits_run["uri"]))
+    fresh = build_model(spec.model, data.input_shape, data.num_classes)
+    fresh.load_state_dict(state["model"])
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x).argmax(1), model(x).argmax(1))
+
+
+# -- final states, in process --------------------------------------------------------------------------
+
+def _tiny(*extra):
+    return load_spec(DIGITS, TINY + ["train.checkpoint=false", "data.limit_train=300", *extra])
+
+
+@pytest.mark.parametrize("exc, status", [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_an_exception_ends_the_run_in_a_final_state(fast_store, exc, status):
+    import mlflow
+
+    from harness.run import run
+
+    def on_epoch(epoch, metrics):
+        raise exc
+
+    with pytest.raises(type(exc)):
+        run(_tiny(), on_epoch=on_epoch, progress=False)
+    (r,) = all_runs(fast_store)
+    assert r.info.status == status
+    assert "val/acc" in r.data.metrics  # what was measured before the failure is kept
+    assert mlflow.active_run() is None
+
+
+def test_stopped_ends_finished_with_its_curves(fast_store):
+    from harness.run import Stopped, run
+
+    def on_epoch(epoch, metrics):
+        raise Stopped("pruned at epoch 1")
+
+    with pytest.raises(Stopped):
+        run(_tiny(), on_epoch=on_epoch, progress=False)
+    (r,) = all_runs(fast_store)
+    assert r.info.status == "FINISHED" and r.data.tags["stopped_early"] == "pruned at epoch 1"
+    assert len(r.data.metrics) > 0 and "test/acc" not in r.data.metrics
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_a_user_error_and_makes_no_run(fast_store):
+    from harness.run import run
+
+    with pytest.raises(UserError, match="train.device=cuda"):
+        run(_tiny("train.device=cuda"), progress=False)
+    assert all_runs(fast_store) == []
+
+
+def test_sigterm_marks_the_run_killed(fast_store, tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(fast_store)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": fast_store}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.train", DIGITS, "train.epochs=5000", "train.log_model=false", "--quiet"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the run never started"
+            runs = all_runs(fast_store)
+            if runs and runs[0].info.status == "RUNNING" and client.get_metric_history(runs[0].info.run_id,
+                                                                                       "val/acc"):
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode not in (0, None)
+    assert "Traceback" not in err, err
+    assert "harness.train: interrupted" in err
+    (r,) = all_runs(fast_store)
+    assert r.info.status == "KILLED"
+    assert r.info.end_time is not None
