@@ -3,7 +3,6 @@ with ``torch.load(weights_only=True)`` so a checkpoint from any store cannot run
 from __future__ import annotations
 
 import os
-import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -68,10 +67,18 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torc
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load with ``weights_only=True``; anything that is not plain tensors and containers is refused."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint not found") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+    except Exception as e:  # a damaged file fails in many ways: zip, pickle, EOF, OSError, UnicodeDecode...
         first = (str(e).strip().splitlines() or [""])[0][:160]
         raise CheckpointError(f"{path}: checkpoint refused: it is not a plain weights file (it may have "
-                              f"been tampered with or truncated): {first}") from None
+                              f"been tampered with or truncated): {type(e).__name__}: {first}") from None
+    missing = [k for k in _REQUIRED if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint refused: not a harness checkpoint (missing "
+                              f"{', '.join(missing)})")
+    return state
+
+
+_REQUIRED = ("model", "optimizer", "epoch", "spec_hash", "rng")

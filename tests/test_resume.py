@@ -1,0 +1,232 @@
+"""Resuming: a run killed after epoch k and resumed ends with the same numbers as an uninterrupted one;
+a different spec or a tampered checkpoint is refused; checkpoints load with weights_only=True."""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import ROOT, all_runs, run_cli
+from harness.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
+
+DIGITS = str(ROOT / "experiments" / "digits_lenet.yaml")
+# Small batches make epochs long enough to kill one mid-run; one thread keeps the arithmetic identical
+# between processes (and is kind to a shared machine). Dropout makes the RNG state part of the story.
+ARGS = [DIGITS, "train.epochs=12", "data.batch_size=25", "model.dropout=0.2", "train.threads=1",
+        "train.log_model=false"]
+FINAL = ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc")
+
+
+def _last_per_step(client, run_id, key):
+    out = {}
+    for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp)):
+        out[m.step] = m.value
+    return out
+
+
+def _artifact_file(run, path: str) -> Path:
+    return Path(unquote(urlparse(run.info.artifact_uri).path)) / path
+
+
+def _one_error_line(r) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("harness.train: error: ") and "Traceback" not in r.stderr
+    return lines[0]
+
+
+def test_killed_run_resumes_to_the_same_numbers(fast_store, tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(fast_store)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": fast_store}
+
+    # The victim: SIGKILLed (no handler can run) once it has logged two epochs.
+    proc = subprocess.Popen([sys.executable, "-m", "harness.train", *ARGS, "--quiet"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, f"finished before it could be killed: {proc.communicate()[1]}"
+            assert time.monotonic() < deadline
+            runs = all_runs(fast_store)
+            if runs and len(client.get_metric_history(runs[0].info.run_id, "val/acc")) >= 2:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    (victim,) = all_runs(fast_store)
+    run_id = victim.info.run_id
+    assert victim.info.status == "RUNNING"  # SIGKILL leaves it so; resuming finishes it
+    logged = len(client.get_metric_history(run_id, "val/acc"))
+    assert 2 <= logged < 12
+
+    # A different spec is refused, and the refusal leaves the run untouched.
+    r = run_cli("harness.train", *ARGS, "optimizer.lr=0.01", "--resume", run_id, "--quiet", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "different spec" in _one_error_line(r)
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    # A tampered checkpoint is refused too (weights_only=True), with one clear line.
+    ckpt = _artifact_file(victim, "checkpoints/last.pt")
+    good = ckpt.read_bytes()
+    ckpt.write_bytes(good[: len(good) // 2])
+    r = run_cli("harness.train", *ARGS, "--resume", run_id, "--quiet", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "checkpoint refused" in _one_error_line(r)
+    ckpt.write_bytes(good)
+
+    # The resume proper, then an uninterrupted run of the same spec for reference.
+    r = run_cli("harness.train", *ARGS, "--resume", run_id, "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("harness.train", *ARGS, "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    resumed = client.get_run(run_id)
+    (reference,) = [x for x in all_runs(fast_store) if x.info.run_id != run_id]
+    assert resumed.info.status == "FINISHED" and reference.info.status == "FINISHED"
+    resumed_from = int(resumed.data.tags["resumed_from_epoch"])
+    assert 1 <= resumed_from <= logged
+    for key in FINAL:
+        assert resumed.data.metrics[key] == pytest.approx(reference.data.metrics[key], abs=1e-6), key
+    # Not only the end: every epoch's curve matches, the killed part and the resumed part.
+    for key in ("train/loss", "val/loss", "val/acc"):
+        a, b = _last_per_step(client, run_id, key), _last_per_step(client, reference.info.run_id, key)
+        assert sorted(a) == sorted(b) == list(range(1, 13))
+        assert all(a[s] == pytest.approx(b[s], abs=1e-6) for s in a), key
+    a = _last_per_step(client, run_id, "train/running_loss")
+    b = _last_per_step(client, reference.info.run_id, "train/running_loss")
+    assert sorted(a) == sorted(b) and all(a[s] == pytest.approx(b[s], abs=1e-6) for s in a)
+
+    # A finished run cannot be resumed again.
+    r = run_cli("harness.train", *ARGS, "--resume", run_id, "--quiet", cwd=tmp_path)
+    assert r.returncode == 2 and "already finished" in _one_error_line(r)
+
+
+def test_resume_of_an_unknown_run_is_a_user_error(fast_store, tmp_path):
+    from harness.run import run
+    from harness.spec import UserError, load_spec
+
+    with pytest.raises(UserError, match="--resume 0123456789abcdef"):
+        run(load_spec(DIGITS, ["train.epochs=2", "train.log_model=false"]),
+            resume_run_id="0123456789abcdef", progress=False)
+    assert all_runs(fast_store) == []
+
+
+# -- checkpoint files ----------------------------------------------------------------------------------
+
+def _state(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(16, 4)).sum().backward()
+    opt.step()
+    path = save_checkpoint(tmp_path / "ck" / "last.pt", model=model, optimizer=opt, epoch=3, spec_hash="abc",
+                           best=0.5, history={"val/acc": [0.1, 0.3, 0.5]})
+    return model, opt, path
+
+
+def test_checkpoint_round_trip_restores_everything(tmp_path):
+    model, opt, path = _state(tmp_path)
+    assert not list(path.parent.glob("*.tmp"))  # written via a temp file and a rename
+    # The RNG states at save time come back: the next random numbers are the same.
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    state = load_checkpoint(path)
+    torch.manual_seed(123)
+    np.random.seed(123)
+    random.seed(123)
+    set_rng_state(state["rng"])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
+    assert state["epoch"] == 3 and state["spec_hash"] == "abc" and state["best"] == 0.5
+    assert state["history"] == {"val/acc": [0.1, 0.3, 0.5]}
+    fresh = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    fresh.load_state_dict(state["model"])
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    opt2 = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    opt2.load_state_dict(state["optimizer"])
+    buf = [opt.state[p]["momentum_buffer"] for p in model.parameters()]
+    buf2 = [opt2.state[p]["momentum_buffer"] for p in fresh.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(buf, buf2))
+
+
+class _Payload:
+    """A pickle that runs code when loaded without weights_only: it creates a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _tamper(kind: str, good: bytes, path: Path, marker: Path) -> None:
+    if kind == "code":
+        torch.save({"model": {}, "epoch": 1, "evil": _Payload(marker)}, path)
+    elif kind == "module":  # a whole pickled module instead of a state dict
+        torch.save({"model": nn.Linear(2, 2), "epoch": 1}, path)
+    elif kind == "plain-pickle":
+        path.write_bytes(pickle.dumps({"epoch": 1, "evil": _Payload(marker)}))
+    elif kind == "truncated":
+        path.write_bytes(good[: len(good) // 3])
+    elif kind == "garbage":
+        path.write_bytes(os.urandom(4096))
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "not-a-checkpoint":  # a valid weights file, but a bare state dict
+        torch.save(nn.Linear(2, 2).state_dict(), path)
+
+
+@pytest.mark.parametrize("kind", ["code", "module", "plain-pickle", "truncated", "garbage", "empty",
+                                  "not-a-checkpoint"])
+def test_tampered_checkpoint_is_refused(tmp_path, kind):
+    _, _, path = _state(tmp_path)
+    marker = tmp_path / "pwned"
+    _tamper(kind, path.read_bytes(), path, marker)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+    assert not marker.exists()  # the payload never ran
+
+
+def test_missing_checkpoint_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_damaged_checkpoints_never_escape_as_other_errors(tmp_path):
+    # Truncation at any length and random byte flips: torch.load fails in a dozen different ways (zip,
+    # pickle, EOF, OSError, UnicodeDecodeError, KeyError ...); every one must become a CheckpointError.
+    _, _, path = _state(tmp_path)
+    good = path.read_bytes()
+    rng = random.Random(0)
+    damaged = [good[:n] for n in range(0, len(good), max(1, len(good) // 60))]
+    for _ in range(60):
+        b = bytearray(good)
+        for _ in range(20):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        damaged.append(bytes(b))
+    refused = 0
+    for blob in damaged:
+        path.write_bytes(blob)
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError:
+            refused += 1
+        else:  # a flip inside tensor data can leave a loadable file: then it is still a full checkpoint
+            assert {"model", "optimizer", "epoch", "spec_hash", "rng"} <= set(state)
+    assert refused > len(damaged) // 2
