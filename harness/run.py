@@ -150,7 +150,8 @@ def mlflow_run(*, experiment_id: str, run_name: str | None = None, parent_run_id
                run_id: str | None = None, tags: dict | None = None,
                system_metrics: bool = False) -> Iterator[str]:
     """An MLflow run that always ends in a final state: FINISHED, FAILED on an exception, KILLED on
-    Ctrl-C or SIGTERM. Never left RUNNING (short of SIGKILL, which the sweep cleans up)."""
+    Ctrl-C or SIGTERM. Never left RUNNING (short of SIGKILL, which the sweep cleans up, or a tracking
+    server that is gone: the run stays RUNNING there for --resume)."""
     import mlflow
 
     with _sigterm_as_interrupt():
@@ -169,7 +170,66 @@ def mlflow_run(*, experiment_id: str, run_name: str | None = None, parent_run_id
             status = "KILLED"
             raise
         finally:
-            mlflow.end_run(status)
+            _end_run(status)
+
+
+def _tracking_server_down() -> bool:
+    """True when the tracking URI is a server that does not answer /health now."""
+    try:
+        stores.check_tracking_server(stores.tracking_uri(), timeout=3)
+    except stores.StoreError:
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def _no_http_retries() -> Iterator[None]:
+    keys = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _end_run(status: str) -> None:
+    """``mlflow.end_run``; when a failed run's tracking server is gone, end it here at once (the
+    server keeps it RUNNING until ``--resume``) instead of retrying for minutes over the first error."""
+    import mlflow
+
+    if status != "FINISHED" and _tracking_server_down():
+        with _no_http_retries():
+            try:
+                mlflow.end_run(status)
+            except Exception:  # the run is off this process's stack; the server could not be told
+                pass
+        return
+    mlflow.end_run(status)
+
+
+@contextlib.contextmanager
+def _tracking_server_gone_is_clear() -> Iterator[dict]:
+    """A run whose tracking server stopped answering (after MLflow's own retries, ~4 min by default:
+    a server back within that window is not noticed) ends with one clear :class:`StoreError`."""
+    seen: dict = {}
+    try:
+        yield seen
+    except (UserError, Stopped, Diverged):
+        raise
+    except Exception as e:
+        if not _tracking_server_down():
+            raise
+        run_id = seen.get("run_id")
+        where = (f"during run {run_id}; what it logged before is kept there: once the server is back, "
+                 f"continue it with --resume {run_id} (a sweep: run the same command again)"
+                 if run_id else "before the run started")
+        raise stores.StoreError(f"the tracking server {stores.mask_url(stores.tracking_uri())} stopped "
+                                f"answering {where}") from e
 
 
 # -- one run ---------------------------------------------------------------------------------------
@@ -216,9 +276,11 @@ def run(
         guard = ModeGuard(model, frozen=policy.frozen, allow_stochastic_eval=policy.allows_stochastic_eval,
                           action=spec.guard)
     t0 = time.perf_counter()
-    with mlflow_run(experiment_id=exp_id, run_name=run_name, parent_run_id=parent_run_id,
-                    run_id=resume_run_id, tags=None if resume_run_id else base_tags,
-                    system_metrics=system_metrics) as run_id:
+    with _tracking_server_gone_is_clear() as seen, \
+            mlflow_run(experiment_id=exp_id, run_name=run_name, parent_run_id=parent_run_id,
+                       run_id=resume_run_id, tags=None if resume_run_id else base_tags,
+                       system_metrics=system_metrics) as run_id:
+        seen["run_id"] = run_id
         tracker = MlflowTracker(run_id)
         try:
             if not resume_run_id:
@@ -244,7 +306,8 @@ def run(
             tracker.set_tags({"stopped_early": str(e) or "stopped"})
             raise
         except BaseException:
-            tracker.flush()  # what was measured before the failure is kept
+            if not _tracking_server_down():
+                tracker.flush()  # what was measured before the failure is kept
             raise
         finally:
             if guard is not None:

@@ -29,6 +29,8 @@ def tracking_uri() -> str:
 
 def mask_url(url: str) -> str:
     """The URL with any password replaced by ``***`` (for logs, params and tags)."""
+    # libpq and most drivers also take the password as a query parameter (?password=...).
+    url = re.sub(r"([?&](?:password|passwd|pwd|pass)=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError:
@@ -46,7 +48,8 @@ def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+        bare = split_credentials(uri)[0]  # urllib cannot take user:password@ in a URL
+        with urllib.request.urlopen(bare.rstrip("/") + "/health", timeout=timeout) as r:
             if r.status == 200:
                 return
             problem = f"HTTP {r.status}"
@@ -62,8 +65,23 @@ def setup_mlflow() -> str:
 
     uri = tracking_uri()
     check_tracking_server(uri)
-    mlflow.set_tracking_uri(uri)
+    bare, user, password = split_credentials(uri)
+    if password is not None:
+        # MLflow's own way to pass them; the URI it prints ("View run at ...") and puts in its error
+        # messages then carries no password.
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user or "")
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password)
+    mlflow.set_tracking_uri(bare)
     return uri
+
+
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """An ``http(s)://user:password@host`` URI -> (the URI without them, user, password)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or parts.password is None:
+        return uri, None, None
+    bare = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    return bare, urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password)
 
 
 def experiment_id(name: str) -> str:
