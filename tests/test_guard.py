@@ -210,7 +210,7 @@ def _run(spec_overrides):
     return run(spec, progress=False)
 
 
-def test_run_logs_findings_tags_metric_and_ledger(store):
+def test_run_logs_findings_tags_metric_and_ledger_unless_off(store):
     from mlflow import MlflowClient
     from mlflow.artifacts import load_dict
 
@@ -229,6 +229,10 @@ def test_run_logs_findings_tags_metric_and_ledger(store):
     assert not any(k.startswith("mode_guard.") for k in rc.data.tags)
     assert [m.value for m in c.get_metric_history(clean.run_id, "mode_guard/findings")] == [0, 0]
     assert clean.guard == {}
+    off = _run(["mode_bug=no_eval", "guard=off"])  # guard: off logs nothing of the kind
+    ro = c.get_run(off.run_id)
+    assert off.guard == {} and "mode_guard/findings" not in ro.data.metrics
+    assert not any(k.startswith("mode_guard.") for k in ro.data.tags)
 
 
 def test_guard_raise_fails_the_run_with_the_finding_as_tags(store):
@@ -240,9 +244,3 @@ def test_guard_raise_fails_the_run_with_the_finding_as_tags(store):
     assert "gradients carried over" in r.data.tags["failure_reason"]
 
 
-def test_guard_off_logs_nothing(store):
-    result = _run(["mode_bug=no_eval", "guard=off"])
-    (r,) = all_runs(store)
-    assert result.guard == {}
-    assert "mode_guard/findings" not in r.data.metrics
-    assert not any(k.startswith("mode_guard.") for k in r.data.tags)

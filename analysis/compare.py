@@ -1,0 +1,217 @@
+"""python -m analysis.compare --experiment NAME [--group-by KEY[,KEY]] [--metric val/acc] [--out DIR]
+
+Pulls the experiment's finished runs from MLflow (``mlflow.search_runs``) into pandas, groups them by
+params or tags, prints mean, std, n and the best run per group, and writes ``compare.csv``,
+``compare.md``, ``runs.csv`` and ``curves.png`` (learning curves per group) to ``--out``
+(default ``reports/<experiment>/``).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from harness.spec import UserError
+
+NONE = "(unset)"
+
+
+def default_direction(metric: str) -> str:
+    return "min" if "loss" in metric or metric.endswith(("seconds", "_s", "_mb")) else "max"
+
+
+def load_runs(experiment: str, metric: str, *, filter_string: str = "", statuses: Sequence[str] = ("FINISHED",),
+              include_stopped: bool = False) -> pd.DataFrame:
+    """The experiment's runs that logged ``metric`` (its last value), with params and tags columns.
+    Runs stopped early (pruned trials) are left out unless ``include_stopped``: their last value is
+    from an earlier epoch than everyone else's."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from harness import stores
+
+    stores.setup_mlflow()
+    exp = MlflowClient().get_experiment_by_name(experiment)
+    if exp is None:
+        names = sorted(e.name for e in MlflowClient().search_experiments())
+        raise UserError(f"--experiment {experiment!r}: no such experiment in {stores.tracking_uri()} "
+                        f"(experiments: {', '.join(names) or 'none'})")
+    df = mlflow.search_runs(experiment_ids=[exp.experiment_id], filter_string=filter_string,
+                            output_format="pandas", max_results=50_000)
+    col = f"metrics.{metric}"
+    if df.empty or col not in df.columns:
+        available = sorted(c[len("metrics."):] for c in df.columns if c.startswith("metrics."))
+        raise UserError(f"--metric {metric}: no run in experiment {experiment!r} logged it "
+                        f"(metrics: {', '.join(available) or 'none'})")
+    if statuses:
+        df = df[df["status"].isin(statuses)]
+    if not include_stopped and "tags.stopped_early" in df.columns:
+        df = df[df["tags.stopped_early"].isna()]
+    df = df[df[col].notna()].copy()
+    if df.empty:
+        raise UserError(f"experiment {experiment!r}: no {'/'.join(statuses) or 'any'} run logged {metric}")
+    return df.reset_index(drop=True)
+
+
+def resolve_keys(df: pd.DataFrame, keys: Sequence[str]) -> list[str]:
+    """``mode_bug`` -> ``params.mode_bug``; falls back to tags (``ablation.arm`` -> ``tags.ablation.arm``)."""
+    cols = []
+    for key in keys:
+        for prefix in ("", "params.", "tags."):
+            if prefix + key in df.columns and (prefix or key.startswith(("params.", "tags.", "metrics."))):
+                cols.append(prefix + key)
+                break
+        else:
+            params = sorted(c[len("params."):] for c in df.columns if c.startswith("params."))
+            raise UserError(f"--group-by {key}: not a param or tag of these runs "
+                            f"(params: {', '.join(params[:20])}{' ...' if len(params) > 20 else ''})")
+    return cols
+
+
+def summarize_groups(df: pd.DataFrame, metric: str, by: Sequence[str], direction: str = "max") -> pd.DataFrame:
+    """One row per group: the group's keys, n, mean, std, min, max, best run id / name / value."""
+    col = f"metrics.{metric}"
+    work = df.copy()
+    if by:
+        for c in by:
+            work[c] = work[c].astype(object).where(work[c].notna(), NONE).astype(str)
+        groups = work.groupby(list(by), sort=False, dropna=False)
+    else:
+        work["group"] = "all"
+        groups = work.groupby(["group"], sort=False)
+    rows = []
+    for key, g in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        best_i = g[col].idxmax() if direction == "max" else g[col].idxmin()
+        row = {name.split(".", 1)[-1] if name != "group" else "group": k
+               for name, k in zip(by or ["group"], key)}
+        vals = g[col].astype(float)
+        row.update({
+            "n": int(vals.size),
+            "mean": float(vals.mean()),
+            "std": float(vals.std(ddof=1)) if vals.size > 1 else math.nan,
+            "min": float(vals.min()),
+            "max": float(vals.max()),
+            "best": float(g.at[best_i, col]),
+            "best_run_id": g.at[best_i, "run_id"],
+            "best_run_name": g.at[best_i, "tags.mlflow.runName"] if "tags.mlflow.runName" in g else "",
+        })
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    return out.sort_values("mean", ascending=(direction == "min"), kind="stable").reset_index(drop=True)
+
+
+def curves(run_ids: Sequence[str], metric: str) -> dict[str, tuple[list[float], list[float]]]:
+    """Per run, the metric's history as (steps, values)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    out = {}
+    for rid in run_ids:
+        hist = sorted(client.get_metric_history(rid, metric), key=lambda m: (m.step, m.timestamp))
+        out[rid] = ([m.step for m in hist], [m.value for m in hist])
+    return out
+
+
+def to_markdown(df: pd.DataFrame, floatfmt: str = ".4f") -> str:
+    """A GitHub Markdown table (no tabulate dependency)."""
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return "" if math.isnan(v) else format(v, floatfmt)
+        return str(v).replace("|", "\\|")
+
+    head = "| " + " | ".join(str(c) for c in df.columns) + " |"
+    sep = "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(df[c]) else "---" for c in df.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, sep, *body]) + "\n"
+
+
+def compare(experiment: str, *, group_by: Sequence[str] = (), metric: str = "val/acc",
+            direction: str | None = None, out: str | Path | None = None, filter_string: str = "",
+            include_stopped: bool = False, plot: bool = True) -> dict:
+    """Everything the CLI does, as a function: returns the summary table, the runs and the files."""
+    from analysis.plots import plot_curves
+
+    direction = direction or default_direction(metric)
+    df = load_runs(experiment, metric, filter_string=filter_string, include_stopped=include_stopped)
+    by = resolve_keys(df, group_by)
+    table = summarize_groups(df, metric, by, direction)
+    out = Path(out) if out else Path("reports") / _safe(experiment)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"csv": out / "compare.csv", "md": out / "compare.md", "runs": out / "runs.csv"}
+    table.to_csv(files["csv"], index=False)
+    keep = ["run_id", "tags.mlflow.runName", "status", f"metrics.{metric}", *by]
+    df[[c for c in dict.fromkeys(keep) if c in df.columns]].to_csv(files["runs"], index=False)
+    title = f"{experiment}: {metric} by {', '.join(group_by) or 'all runs'} ({direction} is best)"
+    files["md"].write_text(f"# {title}\n\n{len(df)} runs from {_uri()}\n\n{to_markdown(table)}"
+                           + ("\n![learning curves](curves.png)\n" if plot else ""))
+    if plot:
+        hist = curves(df["run_id"].tolist(), metric)
+        groups: dict[str, list] = {}
+        keys = [c.split(".", 1)[-1] for c in by]
+        for _, row in df.iterrows():
+            name = ", ".join(f"{k}={_val(row[c])}" for k, c in zip(keys, by)) if by else "all"
+            groups.setdefault(name, []).append(hist[row["run_id"]])
+        files["png"] = plot_curves([(metric, groups)], out / "curves.png", title=title, xlabel="step")
+    return {"table": table, "runs": df, "files": files, "title": title}
+
+
+def _val(v) -> str:
+    return NONE if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def _uri() -> str:
+    from harness.stores import mask_url, tracking_uri
+
+    return mask_url(tracking_uri())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m analysis.compare", description=__doc__.splitlines()[0],
+                                epilog="example: python -m analysis.compare --experiment digits-lenet "
+                                       "--group-by model.dropout --metric val/acc")
+    p.add_argument("--experiment", required=True, help="MLflow experiment name (the spec's name)")
+    p.add_argument("--group-by", default="", metavar="KEY[,KEY]",
+                   help="params or tags to group by, e.g. mode_bug or model.dropout,optimizer.lr "
+                        "(default: all runs in one group)")
+    p.add_argument("--metric", default="val/acc", help="metric to compare (its last value per run)")
+    p.add_argument("--direction", choices=["max", "min"], help="best is max or min (default: min for "
+                                                                "losses and costs, else max)")
+    p.add_argument("--filter", default="", metavar="MLFLOW_FILTER",
+                   help="extra mlflow search filter, e.g. \"params.data.dataset = 'digits'\"")
+    p.add_argument("--include-stopped", action="store_true", help="keep runs stopped early (pruned)")
+    p.add_argument("--out", help="output folder (default reports/<experiment>/)")
+    p.add_argument("--no-plot", action="store_true", help="skip the learning-curve plot")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from harness.cli import setup_logging, user_errors
+
+    setup_logging()
+    with user_errors("analysis.compare"):
+        keys = [k.strip() for k in args.group_by.split(",") if k.strip()]
+        res = compare(args.experiment, group_by=keys, metric=args.metric, direction=args.direction,
+                      out=args.out, filter_string=args.filter, include_stopped=args.include_stopped,
+                      plot=not args.no_plot)
+        table = res["table"]
+        with pd.option_context("display.width", 200, "display.max_columns", 20,
+                               "display.float_format", "{:.4f}".format):
+            print(res["title"])
+            print(table.drop(columns=["best_run_name"]).to_string(index=False))
+        for kind, path in res["files"].items():
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Plots for compare and ablation: learning curves per group (mean ± std band) and effects with CIs.
+
+Uses matplotlib's object API (``Figure``, no pyplot), so importing it never touches the caller's
+backend and it works headless.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+Curve = tuple[Sequence[float], Sequence[float]]  # (steps, values) of one run
+
+
+def mean_curve(curves: Sequence[Curve]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Align runs on their steps: (steps, mean, std, n) over the runs that logged each step."""
+    by_step: dict[float, list[float]] = {}
+    for steps, values in curves:
+        for s, v in zip(steps, values):
+            if v is not None and math.isfinite(v):
+                by_step.setdefault(s, []).append(v)
+    steps = np.array(sorted(by_step), dtype=float)
+    vals = [np.array(by_step[s]) for s in steps]
+    mean = np.array([v.mean() for v in vals])
+    std = np.array([v.std(ddof=1) if v.size > 1 else 0.0 for v in vals])
+    n = np.array([v.size for v in vals])
+    return steps, mean, std, n
+
+
+def plot_curves(panels: Sequence[tuple[str, Mapping[str, Sequence[Curve]]]], path: str | Path, *,
+                title: str = "", xlabel: str = "epoch", log_metrics: Sequence[str] = ()) -> Path:
+    """One panel per ``(metric, {group: [curves]})``: each group's mean with a ± std band.
+    Metrics named in ``log_metrics`` get a log y axis when all their values are positive."""
+    fig = Figure(figsize=(6.0 * len(panels), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (metric, groups) in zip(axes, panels):
+        positive = True
+        for i, (name, curves) in enumerate(groups.items()):
+            steps, mean, std, n = mean_curve(curves)
+            if steps.size == 0:
+                continue
+            positive &= bool(np.all(mean - std > 0))
+            color = f"C{i % 10}"
+            label = f"{name} (n={int(n.max())})"
+            marker = "o" if steps.size < 3 else None
+            # line styles cycle too: identical curves (an arm that changes nothing) stay visible
+            ax.plot(steps, mean, color=color, label=label, marker=marker, lw=1.6,
+                    ls=("-", "--", ":", "-.")[i % 4])
+            if np.any(std > 0):
+                ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.18, lw=0)
+        if metric in log_metrics and positive:
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_effects(rows: Sequence[dict], path: str | Path, *, metrics: Sequence[str], title: str = "") -> Path:
+    """Forest plot: per arm (rows top to bottom) the mean paired difference and its CI, one panel per
+    metric. ``rows``: ``{"arm": name, "<metric>": (mean, low, high), "style": "train"|"checkpoint"}``."""
+    fig = Figure(figsize=(5.0 * len(metrics), 0.45 * len(rows) + 1.6), layout="constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False, sharey=True)[0]
+    y = np.arange(len(rows))[::-1]
+    for ax, metric in zip(axes, metrics):
+        for yi, row in zip(y, rows):
+            mean, lo, hi = row.get(metric, (math.nan, math.nan, math.nan))
+            if not math.isfinite(mean):
+                ax.text(0, yi, "n/a", va="center", ha="center", fontsize=8, color="grey")
+                continue
+            color = "C0" if row.get("style") == "train" else "C1"
+            if math.isfinite(lo) and math.isfinite(hi):
+                ax.errorbar(mean, yi, xerr=[[mean - lo], [hi - mean]], fmt="o", color=color, capsize=3)
+            else:
+                ax.plot(mean, yi, "o", color=color)
+            ax.annotate(f"{mean:+.3f}", (mean, yi), textcoords="offset points", xytext=(0, 6),
+                        ha="center", fontsize=7, color=color)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_xlabel(f"Δ {metric} vs control (95% CI)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(y, [r["arm"] for r in rows])
+    axes[0].set_ylim(-0.7, len(rows) - 0.3)
+    if title:
+        fig.suptitle(title + "   (blue: own training runs, orange: scored on the control's checkpoints)",
+                     fontsize=9)
+    return _save(fig, path)
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
