@@ -158,22 +158,34 @@ def _check_journal(path: Path, name: str, study: str | None, stale_after: int) -
 
 
 def _journal_stale(trial, now: dt.datetime, stale_after: int) -> str | None:
-    """Why a RUNNING trial without heartbeat looks stale, or None when it may still be running."""
-    import platform
-
-    attrs = {**trial.system_attrs, **trial.user_attrs}
-    host, pid = attrs.get("host") or attrs.get("worker_host"), attrs.get("pid") or attrs.get("worker_pid")
-    if host == platform.node() and pid:
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return f"its worker (pid {pid} on this host) is gone"
-        except (PermissionError, ValueError):
-            pass
-        return None
-    if trial.datetime_start and (now - trial.datetime_start).total_seconds() > stale_after:
+    """Why a RUNNING trial without heartbeat looks stale, or None when it may still be running.
+    The sweep records its worker (host, pid, process start time) in the trial's user attributes."""
+    worker = trial.user_attrs.get("worker") or {}
+    alive = _worker_alive(worker)
+    if alive is False:
+        return f"its worker (pid {worker.get('pid')} on this host) is gone"
+    if alive is None and trial.datetime_start and (now - trial.datetime_start).total_seconds() > stale_after:
         return f"started {_ago(now - trial.datetime_start)} ago"
     return None
+
+
+def _worker_alive(worker: dict) -> bool | None:
+    """True/False for a worker on this host (pid alive and started when recorded); None elsewhere."""
+    import platform
+
+    import psutil
+
+    if not worker or worker.get("host") != platform.node() or not worker.get("pid"):
+        return None
+    try:
+        proc = psutil.Process(int(worker["pid"]))
+        started = worker.get("started")
+        same = started is None or abs(proc.create_time() - float(started)) < 1.0
+        return same and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+    except psutil.AccessDenied:
+        return None
 
 
 def _ago(delta: dt.timedelta) -> str:
@@ -433,16 +445,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m harness.doctor",
         description="Check the Optuna storage and the MLflow store (MLFLOW_TRACKING_URI) before a sweep: "
                     "reachable, schema ready, SQLite not used with several workers, no stale RUNNING "
-                    "trials. Exit status 2 when there are problems. Writes nothing.")
+                    "trials. Exit status 2 when there are problems. Writes nothing. "
+                    "Also: python -m harness.sweep [SPEC] [options] --check-storage.")
+    p.add_argument("spec", nargs="?", help="the sweep's spec: only its study's trials are looked at "
+                                           "(default: every study in the storage)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="the sweep's spec overrides")
     p.add_argument("--storage", help="Optuna storage URL or journal file (default mlruns/optuna.journal)")
     p.add_argument("--workers", type=int, default=1, help="workers the sweep will run on this machine")
     p.add_argument("--study", help="only look at this study's trials")
-    p.add_argument("--grace-period", type=int, default=GRACE_PERIOD_S,
-                   help=f"seconds without heartbeat before a RUNNING trial is stale (default {GRACE_PERIOD_S})")
-    p.add_argument("--stale-after", type=int, default=STALE_AFTER_S,
-                   help="seconds after which a RUNNING trial without heartbeat is reported "
-                        f"(default {STALE_AFTER_S})")
-    return p.parse_args(argv)
+    p.add_argument("--heartbeat", type=int, default=None, metavar="S",
+                   help="the sweep's heartbeat interval; stale after 3x (default "
+                        f"{HEARTBEAT_INTERVAL_S}, i.e. {GRACE_PERIOD_S} s)")
+    p.add_argument("--grace-period", type=int, default=None, metavar="S",
+                   help="seconds without heartbeat before a RUNNING trial is stale")
+    p.add_argument("--stale-after", type=int, default=STALE_AFTER_S, metavar="S",
+                   help="a RUNNING trial without heartbeat whose worker cannot be checked from here is "
+                        f"reported after S seconds (default {STALE_AFTER_S})")
+    # The sweep's other options, so `python -m harness.sweep ... --check-storage` can hand over its argv.
+    for opt in ("--n-trials", "--timeout", "--pruner", "--sampler", "--worker-index"):
+        p.add_argument(opt, help=argparse.SUPPRESS)
+    for flag in ("--retry-failed", "--quiet"):
+        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_intermixed_args(argv)
+    if args.spec is not None and "=" in args.spec and not args.spec.endswith((".yaml", ".yml")):
+        args.overrides.insert(0, args.spec)
+        args.spec = None
+    if args.grace_period is None:
+        args.grace_period = 3 * args.heartbeat if args.heartbeat else GRACE_PERIOD_S
+    return args
+
+
+def _study_of(spec_path: str, overrides: list[str]) -> str | None:
+    """The study a sweep of this spec uses by default (``<spec name>-<spec hash>``)."""
+    from harness.spec import load_spec
+
+    spec = load_spec(spec_path, overrides)
+    try:
+        from harness.trials import default_study_name
+    except ImportError:
+        return None
+    return default_study_name(spec)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -450,12 +492,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import logging
 
-    from harness.cli import setup_logging
+    from harness.cli import setup_logging, user_errors
 
     setup_logging()
     logging.getLogger("sqlalchemy").setLevel(logging.ERROR)
-    report = check(args.storage, workers=args.workers, study=args.study, grace_period=args.grace_period,
-                   stale_after=args.stale_after)
+    with user_errors("harness.doctor"):
+        study = args.study or (_study_of(args.spec, args.overrides) if args.spec else None)
+        report = check(args.storage, workers=args.workers, study=study, grace_period=args.grace_period,
+                       stale_after=args.stale_after)
     print_report(report)
     return 2 if report.problems else 0
 

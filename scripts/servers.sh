@@ -55,6 +55,7 @@ cmd_install() {
         say "PostgreSQL already installed"; return
     fi
     [[ $EUID -eq 0 ]] || die "install needs root: sudo scripts/servers.sh install"
+    apt-get update -q >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null
     # Debian starts its own cluster on 5432; we use our own cluster, so leave that one stopped.
     pg_ctlcluster "$(ls /usr/lib/postgresql | sort -V | tail -n 1)" main stop 2>/dev/null || true

@@ -111,6 +111,11 @@ def test_stale_heartbeat_trial_is_reported(tmp_path):
 
 
 def test_running_journal_trial_of_a_dead_local_worker_is_reported(tmp_path):
+    """The sweep records its worker (host, pid, process start time) on each trial, as here."""
+    import os
+
+    import psutil
+
     optuna = _quiet_optuna()
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -118,15 +123,18 @@ def test_running_journal_trial_of_a_dead_local_worker_is_reported(tmp_path):
     path = tmp_path / "optuna.journal"
     storage = JournalStorage(JournalFileBackend(str(path)))
     study = optuna.create_study(storage=storage, study_name="j")
-    mine, gone = study.ask(), study.ask()
-    import os
-
-    for trial, pid in ((mine, os.getpid()), (gone, 2**22 + 12345)):
-        storage.set_trial_system_attr(trial._trial_id, "host", platform.node())
-        storage.set_trial_system_attr(trial._trial_id, "pid", pid)
+    mine, gone, elsewhere = study.ask(), study.ask(), study.ask()
+    me = {"host": platform.node(), "pid": os.getpid(), "started": psutil.Process().create_time()}
+    mine.set_user_attr("worker", me)
+    gone.set_user_attr("worker", {**me, "started": me["started"] - 1000})  # the pid was reused
+    elsewhere.set_user_attr("worker", {**me, "host": "another-machine"})
     r = doctor.check_optuna(str(path))
     assert len(r.problems) == 1, r
     assert f"trial {gone.number} is RUNNING" in r.problems[0] and "is gone" in r.problems[0]
+    # A trial of another machine's worker is only reported once it is very old.
+    r = doctor.check_optuna(str(path), stale_after=0)
+    assert [f"trial {t.number} is RUNNING" in " ".join(r.problems) for t in (mine, gone, elsewhere)] \
+        == [False, True, True]
 
 
 @pytest.mark.parametrize("workers", [1, 4])
