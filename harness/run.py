@@ -269,6 +269,7 @@ def run(
         "mode_bug": spec.mode_bug,
         **(tags or {}),
     }
+    base_tags = {k: str(v) for k, v in base_tags.items()}  # a tracking server takes strings only
     if system_metrics is None:
         system_metrics = not os.environ.get("PYTEST_CURRENT_TEST")
     guard = None

@@ -1,0 +1,165 @@
+"""Scaling out, measured on this machine: trials per minute of the same sweep with 1, 2 and 3 workers
+against PostgreSQL (Optuna) + an `mlflow server` (backed by PostgreSQL), and the per-trial overhead of
+those servers against the local stores (Optuna journal file + MLflow SQLite).
+
+    eval "$(scripts/servers.sh start)"          # PostgreSQL + mlflow server on 127.0.0.1
+    python benchmarks/scale.py                  # ~5 min on 2 cores
+    python benchmarks/scale.py --trials 24 --workers 1,2,3 --local-workers 1,2 train.epochs=8
+    scripts/servers.sh stop
+
+Every configuration runs the same sweep (random sampler seeded by the spec, no pruner, so every
+trial trains the same params for the same number of epochs) as a fresh study, through the real CLI
+(`python -m harness.sweep`). Two rates are printed: over the whole command (start-up, the parent
+run, the summary and its plots included) and steady-state (trials / time from the first trial's
+start to the last trial's end, from Optuna's timestamps). Ratios are taken side by side in one run;
+absolute numbers depend on the machine and on whatever else runs on it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = ROOT / "experiments" / "digits_lenet.yaml"
+
+
+@dataclass
+class Result:
+    name: str
+    workers: int
+    trials: int
+    wall_s: float
+    span_s: float
+    trial_s: float  # median duration of one trial (start to end in Optuna)
+
+    @property
+    def per_min_wall(self) -> float:
+        return 60 * self.trials / self.wall_s
+
+    @property
+    def per_min_steady(self) -> float:
+        return 60 * self.trials / self.span_s
+
+
+def sweep(name: str, workers: int, storage: str | None, tracking_uri: str, workdir: Path,
+          args: argparse.Namespace) -> Result:
+    study = f"scale-{name}-w{workers}-{uuid.uuid4().hex[:6]}"
+    cmd = [sys.executable, "-m", "harness.sweep", str(args.spec), "--n-trials", str(args.trials),
+           "--workers", str(workers), "--study", study, "--sampler", "random", "--pruner", "none",
+           "--quiet", f"train.epochs={args.epochs}", *args.overrides]
+    if storage:
+        cmd += ["--storage", storage]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        sys.exit(f"scale.py: {name} with {workers} worker(s) failed (exit {out.returncode}):\n"
+                 f"{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    trials = _finished_trials(storage or str(workdir / "mlruns" / "optuna.journal"), study)
+    if len(trials) != args.trials:
+        sys.exit(f"scale.py: {name}: expected {args.trials} finished trials, found {len(trials)}")
+    span = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
+    per_trial = statistics.median((t.datetime_complete - t.datetime_start).total_seconds() for t in trials)
+    return Result(name, workers, len(trials), wall, span, per_trial)
+
+
+def _finished_trials(storage: str, study: str):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if "://" in storage:
+        st = storage
+    else:
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        st = JournalStorage(JournalFileBackend(storage))
+    s = optuna.load_study(study_name=study, storage=st)
+    return s.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                optuna.trial.TrialState.PRUNED))
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python benchmarks/scale.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="spec overrides for every trial")
+    p.add_argument("--spec", default=str(SPEC))
+    p.add_argument("--trials", type=int, default=12, help="trials per sweep (default 12)")
+    p.add_argument("--epochs", type=int, default=5, help="epochs per trial (default 5)")
+    p.add_argument("--workers", type=_ints, default=[1, 2, 3], help="worker counts on the servers (1,2,3)")
+    p.add_argument("--local-workers", type=_ints, default=[1],
+                   help="worker counts on the local stores (default 1: the overhead baseline)")
+    args = p.parse_args(argv)
+    pg, server = os.environ.get("HARNESS_PG_URL"), os.environ.get("HARNESS_MLFLOW_URL")
+    if not pg or not server:
+        sys.exit('scale.py: HARNESS_PG_URL / HARNESS_MLFLOW_URL not set: run eval "$(scripts/servers.sh '
+                 'start)" first')
+    from harness.stores import mask_url
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"sweep of {args.trials} trials x {args.epochs} epochs ({Path(args.spec).name}, random sampler, "
+          f"no pruner) on {cores} cores; load average {os.getloadavg()[0]:.1f} at start")
+    print(f"servers: optuna {mask_url(pg)}, mlflow {mask_url(server)}")
+    print(f"command: python benchmarks/scale.py {' '.join(shlex.quote(a) for a in (argv or sys.argv[1:]))}",
+          flush=True)
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="harness-scale-") as tmp:
+        for k in args.local_workers:
+            work = Path(tmp) / f"local-{k}"
+            work.mkdir()
+            results.append(sweep("local", k, None, f"sqlite:///{work / 'mlflow.db'}", work, args))
+            _row(results[-1])
+        for k in args.workers:
+            work = Path(tmp) / f"servers-{k}"
+            work.mkdir()
+            results.append(sweep("servers", k, pg, server, work, args))
+            _row(results[-1])
+    _ratios(results)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+    return 0
+
+
+def _row(r: Result) -> None:
+    label = "journal + SQLite" if r.name == "local" else "PostgreSQL + mlflow server"
+    print(f"  {label:27s} {r.workers} worker(s): {r.per_min_steady:6.1f} trials/min steady "
+          f"({r.per_min_wall:5.1f} over the whole command, {r.wall_s:5.0f} s), "
+          f"median trial {r.trial_s:5.2f} s", flush=True)
+
+
+def _ratios(results: list[Result]) -> None:
+    servers = {r.workers: r for r in results if r.name == "servers"}
+    local = {r.workers: r for r in results if r.name == "local"}
+    if 1 in servers:
+        base = servers[1]
+        for k, r in sorted(servers.items()):
+            if k != 1:
+                print(f"{k} workers / 1 worker on the servers: {r.per_min_steady / base.per_min_steady:.2f}x "
+                      f"steady, {r.per_min_wall / base.per_min_wall:.2f}x over the command")
+    if 1 in servers and 1 in local:
+        s, l = servers[1], local[1]
+        extra = s.trial_s - l.trial_s
+        print(f"per-trial overhead of PostgreSQL + mlflow server vs the local stores (1 worker): "
+              f"{extra:+.2f} s a trial ({100 * extra / l.trial_s:+.0f}%: median trial {s.trial_s:.2f} s vs "
+              f"{l.trial_s:.2f} s); steady rate {s.per_min_steady / l.per_min_steady:.2f}x of local")
+    for k, r in sorted(local.items()):
+        if k != 1 and 1 in local:
+            print(f"{k} workers / 1 worker on the local stores: "
+                  f"{r.per_min_steady / local[1].per_min_steady:.2f}x steady")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
