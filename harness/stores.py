@@ -6,11 +6,13 @@ file ``mlruns/optuna.journal``. ``MLFLOW_TRACKING_URI`` and ``--storage`` overri
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 from harness.spec import UserError
 
@@ -106,3 +108,182 @@ def experiment_id(name: str) -> str:
         if exp is None:
             raise
         return exp.experiment_id
+
+
+# -- Optuna storage --------------------------------------------------------------------------------
+# The local default is one journal file that several processes on this machine append to under a lock.
+# Any other value of --storage is either a journal file path (no "://") or an Optuna RDB URL
+# (sqlite:///..., postgresql://..., mysql://...). RDB storages get Optuna's heartbeat, so a trial whose
+# process died (on any machine) is failed after the grace period and handed to ``on_stale``.
+
+HEARTBEAT_INTERVAL_S = 10
+HEARTBEAT_GRACE_S = 30  # a RUNNING trial silent this long is stale (3 missed heartbeats)
+
+
+def optuna_storage_kind(url: str | None) -> str:
+    """``journal`` (a file path or the default), ``sqlite``, ``rdb`` (another SQLAlchemy URL) or
+    ``redis`` (Optuna's Redis journal backend)."""
+    if not url:
+        return "journal"
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if not scheme:
+        return "journal"
+    if scheme.startswith("sqlite"):
+        return "sqlite"
+    if scheme in ("redis", "rediss", "unix"):
+        return "redis"
+    return "rdb"
+
+
+def optuna_storage_display(url: str | None) -> str:
+    """The storage as the user should see it: its URL or path, password masked."""
+    return mask_url(url) if url else DEFAULT_OPTUNA_JOURNAL
+
+
+def check_optuna_storage(url: str | None, workers: int) -> None:
+    """Refuse what cannot work before anything starts (cheap: no Optuna import)."""
+    if optuna_storage_kind(url) == "sqlite" and workers > 1:
+        raise StoreError(
+            f"--storage {mask_url(url or '')} with --workers {workers}: SQLite takes one writer at a "
+            f"time and Optuna's trials would fail with 'database is locked'; use the default journal "
+            f"file (drop --storage), a journal file (--storage mlruns/study.journal) or PostgreSQL")
+
+
+def optuna_storage(url: str | None = None, workers: int = 1, *,
+                   heartbeat_interval: int = HEARTBEAT_INTERVAL_S,
+                   grace_period: int | None = None,
+                   on_stale=None):
+    """An Optuna storage for ``url`` (None: the journal file ``mlruns/optuna.journal``).
+
+    RDB URLs get a heartbeat (``heartbeat_interval`` s; stale after ``grace_period`` s) and call
+    ``on_stale(study, frozen_trial)`` for each trial the heartbeat found dead (default: Optuna's
+    ``RetryHeartbeatStaleTrialCallback``). Errors the user can fix are :class:`StoreError`."""
+    check_optuna_storage(url, workers)
+    kind = optuna_storage_kind(url)
+    shown = optuna_storage_display(url)
+    import optuna
+    from optuna.storages import journal
+
+    try:
+        if kind == "journal":
+            path = Path(url or DEFAULT_OPTUNA_JOURNAL)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(journal.JournalFileBackend(str(path)))
+        if kind == "redis":
+            return optuna.storages.JournalStorage(journal.JournalRedisBackend(url))
+        grace = grace_period or 3 * heartbeat_interval
+        with _quiet_experimental():
+            if on_stale is None:
+                on_stale = optuna.storages.RetryHeartbeatStaleTrialCallback()
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=heartbeat_interval, grace_period=grace,
+                heartbeat_stale_trial_callback=on_stale,
+                engine_kwargs=_rdb_engine_kwargs(url))
+    except ImportError as e:
+        hint = ("pip install 'psycopg[binary]' or write postgresql+psycopg2://"
+                if kind == "rdb" and url and url.startswith("postgres") else "install its driver")
+        raise StoreError(f"--storage {shown}: missing database driver ({e}); {hint}") from None
+    except (OSError, ValueError) as e:
+        raise StoreError(f"--storage {shown}: cannot open it ({_first_line(e)})") from None
+    except Exception as e:  # sqlalchemy OperationalError (unreachable, auth), redis ConnectionError
+        raise StoreError(f"--storage {shown}: not reachable ({_first_line(e)}); check the URL and "
+                         f"that the server is running") from None
+
+
+def _rdb_engine_kwargs(url: str) -> dict:
+    if url.startswith("sqlite"):
+        # Wait for the lock instead of failing at once when a second process writes (one sweep at a
+        # time per SQLite file is still the rule; this covers the summary/doctor reading beside it).
+        return {"connect_args": {"timeout": 30}}
+    return {"pool_pre_ping": True}  # a restarted database server: reconnect instead of failing
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return mask_url(text[0][:200]) if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def _quiet_experimental() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*experimental.*")
+        yield
+
+
+@contextlib.contextmanager
+def storage_lock(url: str | None) -> Iterator[None]:
+    """A short exclusive section across every process that uses this Optuna storage: the sweep
+    counts trials and reserves the next one inside it, so N workers end with exactly N trials.
+
+    Journal files and SQLite: an ``flock`` on a file beside them (one machine). PostgreSQL: an
+    advisory lock; MySQL: ``GET_LOCK``. Anything else: no lock (the sweep then re-checks its count
+    after reserving)."""
+    kind = optuna_storage_kind(url)
+    if kind == "journal":
+        path = Path(url or DEFAULT_OPTUNA_JOURNAL)
+        with _file_lock(path.with_name(path.name + ".harness-lock")):
+            yield
+        return
+    if kind == "sqlite":
+        db = url.split(":///", 1)[1] if url and ":///" in url else ""
+        if db and db != ":memory:":
+            with _file_lock(Path(db).with_name(Path(db).name + ".harness-lock")):
+                yield
+            return
+        yield
+        return
+    if kind == "rdb" and url and url.split("+", 1)[0].split(":", 1)[0] in ("postgresql", "postgres", "mysql"):
+        with _db_lock(url):
+            yield
+        return
+    yield
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; the journal's own lock still keeps the file consistent
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+_LOCK_ENGINES: dict[str, object] = {}
+_LOCK_KEY = 0x6861726E  # "harn": one advisory-lock id for every sweep on the database
+
+
+@contextlib.contextmanager
+def _db_lock(url: str) -> Iterator[None]:
+    import sqlalchemy
+
+    engine = _LOCK_ENGINES.get(url)
+    if engine is None:
+        engine = _LOCK_ENGINES[url] = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    with engine.connect() as conn:  # type: ignore[attr-defined]
+        if conn.dialect.name == "postgresql":
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
+        elif conn.dialect.name in ("mysql", "mariadb"):
+            conn.execute(sqlalchemy.text("SELECT GET_LOCK('harness_sweep', 60)"))
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK('harness_sweep')"))
+        else:
+            yield
+
+
+def optuna_dashboard_command(url: str | None) -> str:
+    return f"optuna-dashboard {optuna_storage_display(url)}"

@@ -1,0 +1,151 @@
+"""The end of a sweep: one line per finished trial while it runs, then the table of the best trials,
+the best params as a ready-to-paste override line, the commands to browse it all, and the same summary
+on the parent MLflow run (best value and params, the trials table as CSV, Optuna's plots as PNG)."""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from optuna.trial import FrozenTrial, TrialState
+
+from harness import stores
+from harness import study as st
+
+log = logging.getLogger("harness.sweep")
+
+PLOTS = ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")
+
+
+def trial_line(t: FrozenTrial, outcome, metric: str, label: str = "") -> str:
+    """``trial   7 COMPLETE val/acc=0.9722  optimizer.lr=0.0123 ...  20 epochs 1.9s``"""
+    value = st.finished_value(t)
+    shown = f"{value:.4f}" if value is not None else "-"
+    why = f"  ({outcome.reason})" if outcome.reason and t.state != TrialState.COMPLETE else ""
+    who = f"[{label}] " if label else ""
+    return (f"{who}trial {t.number:>3} {t.state.name:<8} {metric}={shown}  "
+            f"{st.override_line(t.params)}  {outcome.epochs} epochs {outcome.seconds:.1f}s{why}")
+
+
+def epochs_of(t: FrozenTrial) -> int:
+    return int(t.user_attrs.get("epochs") or len(t.intermediate_values))
+
+
+def summarize(ctx) -> dict[str, Any]:
+    """The numbers of the study as it stands now (other machines may still add trials)."""
+    study = ctx.study
+    trials = study.get_trials(deepcopy=False)
+    by_state = st.counts(study)
+    counted = [t for t in trials if t.state in st.COUNTED]
+    epochs_run = sum(epochs_of(t) for t in counted)
+    epochs_full = sum(int(t.params.get("train.epochs", ctx.spec.train.epochs)) for t in counted)
+    best = st.best_trials(study, 5)
+    return {"trials": trials, "counts": by_state, "finished": len(counted), "best": best,
+            "epochs_run": epochs_run, "epochs_full": epochs_full,
+            "saved": 1 - epochs_run / epochs_full if epochs_full else 0.0}
+
+
+def print_summary(ctx, s: dict[str, Any], out=print) -> None:
+    metric = ctx.spec.search.metric
+    c = s["counts"]
+    out("")
+    out(f"study {ctx.study_name}: {s['finished']} of {ctx.n_trials} trials finished "
+        f"({c.get('COMPLETE', 0)} complete, {c.get('PRUNED', 0)} pruned; {c.get('FAIL', 0)} failed, "
+        f"{c.get('RUNNING', 0)} running elsewhere); {s['epochs_run']} of {s['epochs_full']} epochs trained "
+        f"({s['saved']:.0%} saved by pruning)")
+    best: list[FrozenTrial] = s["best"]
+    if not best:
+        out("no trial completed yet: nothing to recommend")
+    else:
+        keys = list(ctx.space)
+        head = ["trial", metric, *keys, "epochs", "mlflow run"]
+        rows = [[str(t.number), f"{t.value:.4f}", *[st.fmt_value(t.params.get(k)) for k in keys],
+                 str(epochs_of(t)), str(t.user_attrs.get("mlflow_run_id", ""))] for t in best]
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        out(f"best trials ({ctx.spec.search.direction} {metric}):")
+        for r in [head, *rows]:
+            out("  " + "  ".join(cell.rjust(w) for cell, w in zip(r, widths)))
+        top = best[0]
+        out(f"best params (trial {top.number}, {metric} {top.value:.4f}), ready to paste:")
+        out(f"  {st.override_line(top.params)}")
+        line = " ".join([ctx.spec_path, *ctx.overrides, st.override_line(top.params)])
+        out(f"  python -m harness.train {line}")
+    out("browse:")
+    out(f"  mlflow ui --backend-store-uri {stores.mask_url(stores.tracking_uri())}   "
+        f"(parent run sweep:{ctx.study_name}, id {ctx.parent_run_id})")
+    out(f"  {stores.optuna_dashboard_command(ctx.storage_url)}")
+
+
+def log_to_parent(ctx, s: dict[str, Any]) -> None:
+    """Best value and params, the trials table and the plots, on the parent run (rewritten by every
+    sweep command that ends, so the last one to finish leaves the complete picture)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+
+    client = MlflowClient()
+    rid, metric, c = ctx.parent_run_id, ctx.spec.search.metric, s["counts"]
+    step = s["finished"]
+    ts = int(time.time() * 1000)
+    metrics = [Metric("trials/complete", c.get("COMPLETE", 0), ts, step),
+               Metric("trials/pruned", c.get("PRUNED", 0), ts, step),
+               Metric("trials/failed", c.get("FAIL", 0), ts, step),
+               Metric("epochs/saved_fraction", s["saved"], ts, step)]
+    tags = [RunTag("sweep.n_trials", str(ctx.n_trials))]
+    if s["best"]:
+        top = s["best"][0]
+        metrics.append(Metric(f"best/{metric}", float(top.value), ts, step))
+        tags += [RunTag("best.trial_number", str(top.number)),
+                 RunTag("best.value", f"{top.value:.6g}"),
+                 RunTag("best.params", json.dumps(top.params, sort_keys=True)),
+                 RunTag("best.overrides", st.override_line(top.params)),
+                 RunTag("best.mlflow_run_id", str(top.user_attrs.get("mlflow_run_id", "")))]
+    client.log_batch(rid, metrics=metrics, tags=tags, synchronous=True)
+    with tempfile.TemporaryDirectory(prefix="harness-sweep-") as tmp:
+        d = Path(tmp)
+        _trials_csv(ctx, d / "trials.csv")
+        if s["best"]:
+            top = s["best"][0]
+            (d / "best_params.json").write_text(json.dumps(
+                {"trial": top.number, metric: top.value, "params": top.params,
+                 "overrides": st.override_line(top.params)}, indent=2, sort_keys=True))
+        (d / "plots").mkdir()
+        _plots(ctx, d / "plots")
+        client.log_artifacts(rid, str(d))
+
+
+def _trials_csv(ctx, path: Path) -> None:
+    df = ctx.study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs",
+                                           "datetime_start", "duration"))
+    drop = [c for c in df.columns if c in ("user_attrs_worker",)]
+    df.drop(columns=drop).to_csv(path, index=False)
+
+
+def _plots(ctx, folder: Path) -> list[str]:
+    """Optuna's own plots as PNG (offline: no plotly.js needed to look at them). A plot that needs
+    more trials than the study has is skipped with a debug line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    made = []
+    for name in PLOTS:
+        fn = getattr(ovm, f"plot_{name}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = fn(ctx.study)
+            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+            fig.set_size_inches(10, 6)
+            fig.savefig(folder / f"{name}.png", dpi=90, bbox_inches="tight")
+            made.append(name)
+        except Exception as e:  # e.g. importances with < 2 complete trials, no intermediate values
+            log.debug("plot %s skipped: %s", name, e)
+        finally:
+            plt.close("all")
+    return made
