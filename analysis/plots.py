@@ -15,13 +15,14 @@ from matplotlib.figure import Figure
 Curve = tuple[Sequence[float], Sequence[float]]  # (steps, values) of one run
 
 
-def mean_curve(curves: Sequence[Curve]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Align runs on their steps: (steps, mean, std, n) over the runs that logged each step."""
+def mean_curve(curves: Sequence[Curve], log: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Align runs on their steps: (steps, mean, std, n) over the runs that logged each step.
+    With ``log`` the statistics are of log10 of the (positive) values: a geometric mean and std."""
     by_step: dict[float, list[float]] = {}
     for steps, values in curves:
         for s, v in zip(steps, values):
-            if v is not None and math.isfinite(v):
-                by_step.setdefault(s, []).append(v)
+            if v is not None and math.isfinite(v) and (v > 0 or not log):
+                by_step.setdefault(s, []).append(math.log10(v) if log else v)
     steps = np.array(sorted(by_step), dtype=float)
     vals = [np.array(by_step[s]) for s in steps]
     mean = np.array([v.mean() for v in vals])
@@ -33,16 +34,19 @@ def mean_curve(curves: Sequence[Curve]) -> tuple[np.ndarray, np.ndarray, np.ndar
 def plot_curves(panels: Sequence[tuple[str, Mapping[str, Sequence[Curve]]]], path: str | Path, *,
                 title: str = "", xlabel: str = "epoch", log_metrics: Sequence[str] = ()) -> Path:
     """One panel per ``(metric, {group: [curves]})``: each group's mean with a ± std band.
-    Metrics named in ``log_metrics`` get a log y axis when all their values are positive."""
+    Metrics named in ``log_metrics`` get a log y axis, with the geometric mean and a x/÷ geometric-std
+    band (a loss that explodes in one arm stays readable next to the others)."""
     fig = Figure(figsize=(6.0 * len(panels), 4.2), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (metric, groups) in zip(axes, panels):
-        positive = True
+        log = metric in log_metrics
         for i, (name, curves) in enumerate(groups.items()):
-            steps, mean, std, n = mean_curve(curves)
+            steps, mean, std, n = mean_curve(curves, log=log)
             if steps.size == 0:
                 continue
-            positive &= bool(np.all(mean - std > 0))
+            lo, hi = mean - std, mean + std
+            if log:
+                mean, lo, hi = 10 ** mean, 10 ** lo, 10 ** hi
             color = f"C{i % 10}"
             label = f"{name} (n={int(n.max())})"
             marker = "o" if steps.size < 3 else None
@@ -50,11 +54,11 @@ def plot_curves(panels: Sequence[tuple[str, Mapping[str, Sequence[Curve]]]], pat
             ax.plot(steps, mean, color=color, label=label, marker=marker, lw=1.6,
                     ls=("-", "--", ":", "-.")[i % 4])
             if np.any(std > 0):
-                ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.18, lw=0)
-        if metric in log_metrics and positive:
+                ax.fill_between(steps, lo, hi, color=color, alpha=0.18, lw=0)
+        if log:
             ax.set_yscale("log")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(metric)
+        ax.set_ylabel(f"{metric} (geometric mean)" if log else metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     if title:
