@@ -175,7 +175,9 @@ def optuna_storage(url: str | None = None, workers: int = 1, *,
         with _quiet_experimental():
             if on_stale is None:
                 on_stale = optuna.storages.RetryHeartbeatStaleTrialCallback()
-            return optuna.storages.RDBStorage(
+            from harness.dbretry import RetryingRDBStorage  # rides out a database restart
+
+            return RetryingRDBStorage(
                 url, heartbeat_interval=heartbeat_interval, grace_period=grace,
                 heartbeat_stale_trial_callback=on_stale,
                 engine_kwargs=_rdb_engine_kwargs(url))
@@ -268,14 +270,14 @@ def _db_lock(url: str) -> Iterator[None]:
     engine = _LOCK_ENGINES.get(url)
     if engine is None:
         engine = _LOCK_ENGINES[url] = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    if engine.dialect.name == "postgresql":  # type: ignore[attr-defined]
+        from harness.dbretry import pg_advisory_lock  # taken through a database restart
+
+        with pg_advisory_lock(engine, _LOCK_KEY):
+            yield
+        return
     with engine.connect() as conn:  # type: ignore[attr-defined]
-        if conn.dialect.name == "postgresql":
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _LOCK_KEY})
-            try:
-                yield
-            finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
-        elif conn.dialect.name in ("mysql", "mariadb"):
+        if conn.dialect.name in ("mysql", "mariadb"):
             conn.execute(sqlalchemy.text("SELECT GET_LOCK('harness_sweep', 60)"))
             try:
                 yield

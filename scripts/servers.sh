@@ -165,6 +165,8 @@ stop_postgres() {
 cmd_env() {
     cat <<EOF
 export HARNESS_SERVERS_DIR='$STATE'
+export HARNESS_PG_PORT='$PG_PORT'
+export HARNESS_MLFLOW_PORT='$MLFLOW_PORT'
 export PGPASSFILE='$PGPASS'
 export HARNESS_PG_URL='$OPTUNA_URL'
 export HARNESS_MLFLOW_DB_URL='$MLFLOW_DB_URL'

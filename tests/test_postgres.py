@@ -273,3 +273,217 @@ def test_tracking_server_gone_the_run_fails_clearly_and_keeps_what_was_logged(se
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert set(_history(client, run_id)) == set(range(1, 13))
+
+
+# -- sweeps: several workers, a killed worker, a restarted database -----------------------------------
+
+# How a trial's MLflow run may end for each final Optuna state (harness/trials.py's table).
+ALLOWED = {"COMPLETE": {"FINISHED"}, "PRUNED": {"FINISHED", "FAILED"}, "FAIL": {"FAILED", "KILLED"}}
+SWEEP_TINY = ["train.epochs=3", "train.log_model=false", "train.sanity_check=false"]
+
+
+def _sweep_cmd(servers, study: str, n: int, *extra: str, storage: str | None = None) -> list[str]:
+    return [sys.executable, "-m", "harness.sweep", SPEC, *SWEEP_TINY, "--n-trials", str(n),
+            "--study", study, "--storage", storage or servers["HARNESS_PG_URL"], "--quiet", *extra]
+
+
+def _popen(cmd: list[str], cwd: Path, env: dict, log: Path, prefix: list[str] = ()) -> subprocess.Popen:
+    return subprocess.Popen([*prefix, *cmd], cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _study(servers, name: str):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.load_study(study_name=name, storage=servers["HARNESS_PG_URL"])
+
+
+def _check_study_and_runs(servers, name: str, n: int):
+    """Exactly ``n`` finished trials with unique numbers; one parent run; one child run per trial
+    number, all under the parent, none RUNNING, each ended as its Optuna state allows."""
+    from mlflow import MlflowClient
+
+    study = _study(servers, name)
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state.name for t in trials]
+    assert states.count("COMPLETE") + states.count("PRUNED") == n, states
+    assert "RUNNING" not in states and "WAITING" not in states, states
+    assert sorted(t.number for t in trials) == list(range(len(trials)))  # no duplicate numbers
+
+    client = MlflowClient(servers["HARNESS_MLFLOW_URL"])
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exps, filter_string=f"tags.`optuna.study` = '{name}'", max_results=1000)
+    parents = [r for r in runs if "optuna.trial_number" not in r.data.tags]
+    children = [r for r in runs if "optuna.trial_number" in r.data.tags]
+    assert len(parents) == 1, [r.info.run_name for r in parents]
+    parent = parents[0]
+    assert parent.info.run_name == f"sweep:{name}"
+    assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
+    assert all(c.data.tags.get("mlflow.parentRunId") == parent.info.run_id for c in children)
+    numbers = [int(c.data.tags["optuna.trial_number"]) for c in children]
+    assert len(numbers) == len(set(numbers)), sorted(numbers)
+    by_number = dict(zip(numbers, children))
+    for t in trials:
+        run = by_number.get(t.number)
+        if t.state.name in ("COMPLETE", "PRUNED"):
+            assert run is not None, f"trial {t.number} has no MLflow run"
+        if run is None:
+            continue
+        assert run.info.run_name == f"trial-{t.number}"
+        assert run.data.tags["optuna.state"] == t.state.name, (t.number, run.data.tags)
+        assert run.info.status in ALLOWED[t.state.name], (t.number, t.state.name, run.info.status)
+        if t.user_attrs.get("mlflow_run_id"):
+            assert t.user_attrs["mlflow_run_id"] == run.info.run_id
+    assert all(r.info.status != "RUNNING" for r in runs)
+    return study, trials, by_number, parent
+
+
+def test_three_workers_on_two_machines_complete_exactly_n_trials(servers, server_env, tmp_path):
+    """`--workers 2` here and one more worker "on another machine" (a second command against the same
+    --storage and tracking server): 3 worker processes, one study, one parent run, exactly N trials."""
+    name, n = _unique("pg-sweep3"), 9
+    a = _popen(_sweep_cmd(servers, name, n, "--workers", "2"), tmp_path, server_env, tmp_path / "a.log")
+    b = _popen(_sweep_cmd(servers, name, n), tmp_path, server_env, tmp_path / "b.log")
+    assert a.wait(600) == 0, (tmp_path / "a.log").read_text()[-3000:]
+    assert b.wait(600) == 0, (tmp_path / "b.log").read_text()[-3000:]
+    study, trials, runs, parent = _check_study_and_runs(servers, name, n)
+    assert len(trials) == n  # nothing failed, nothing lost
+    workers = {(t.user_attrs["worker"]["host"], t.user_attrs["worker"]["pid"]) for t in trials}
+    assert len(workers) >= 2, workers  # the trials really were shared (usually by all 3)
+    assert parent.info.status == "FINISHED"
+    for log in ("a.log", "b.log"):
+        text = (tmp_path / log).read_text()
+        assert "Traceback" not in text, text[-3000:]
+
+
+def _other_machine() -> list[str]:
+    """A prefix that runs a command under another host name (a UTS namespace), so this host cannot
+    tell by pid that its worker died: only Optuna's heartbeat can. Empty when not permitted."""
+    prefix = ["unshare", "--uts", "sh", "-c", 'hostname harness-other-machine && exec "$0" "$@"']
+    try:
+        ok = subprocess.run([*prefix, "hostname"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return prefix if ok.returncode == 0 and ok.stdout.strip() == "harness-other-machine" else []
+
+
+def test_sigkilled_worker_trial_goes_stale_is_retried_and_its_run_ends_killed(servers, server_env,
+                                                                              tmp_path):
+    """Worker A ("another machine") is SIGKILLed mid-trial. Its heartbeat stops; worker B fails the
+    trial as stale, marks its MLflow run KILLED, queues its params again, and the study still ends
+    with exactly N finished trials."""
+    name, n = _unique("pg-kill"), 6
+    other = _other_machine()
+    env = server_env
+    hb = ["--heartbeat", "1"]  # stale after 3 s
+    cmd = _sweep_cmd(servers, name, n, *hb)
+    cmd[cmd.index("train.epochs=3")] = "train.epochs=8"  # long enough trials to be killed mid-way
+    a = _popen(cmd, tmp_path, env, tmp_path / "a.log", prefix=other)
+    # A trial of A, mid-way: RUNNING with its MLflow run started (mlflow_run_id is set at epoch 1).
+    deadline, victim = time.time() + 300, None
+    while victim is None and time.time() < deadline:
+        assert a.poll() is None, (tmp_path / "a.log").read_text()[-3000:]
+        try:
+            running = _study(servers, name).get_trials(deepcopy=False)
+        except KeyError:  # the study is not created yet
+            running = []
+        victim = next((t for t in running if t.state.name == "RUNNING"
+                       and t.user_attrs.get("mlflow_run_id")), None)
+        time.sleep(0.5)
+    assert victim is not None, "worker A never got a trial going"
+    b = _popen(cmd, tmp_path, env, tmp_path / "b.log")
+    time.sleep(1)
+    os.killpg(a.pid, signal.SIGKILL)
+    a.wait()
+    assert b.wait(900) == 0, (tmp_path / "b.log").read_text()[-3000:]
+
+    study, trials, runs, _ = _check_study_and_runs(servers, name, n)
+    killed = study._storage.get_trial(victim._trial_id)
+    assert killed.state.name == "FAIL"
+    run = runs[killed.number]
+    assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "FAIL"
+    assert "stale" in run.data.tags.get("failure_reason", ""), run.data.tags
+    if other:  # A looked like another machine: only the heartbeat could have found it
+        assert killed.user_attrs["worker"]["host"] == "harness-other-machine"
+        assert "heartbeat" in run.data.tags["failure_reason"], run.data.tags["failure_reason"]
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retries) == 1, [t.system_attrs for t in trials]
+    assert retries[0].state.name in ("COMPLETE", "PRUNED") and retries[0].params == killed.params
+    assert "trial %d was left RUNNING" % killed.number in (tmp_path / "b.log").read_text()
+
+
+def test_postgres_restarted_mid_sweep_the_sweep_recovers(servers, server_env, tmp_path):
+    """PostgreSQL restarts (every open connection dropped) while 2 workers run trials and the tracking
+    server writes to it too. The sweep rides it out (harness/dbretry.py: Optuna storage operations and
+    the sweep's lock are retried; pool_pre_ping replaces dead connections; MLflow's client retries the
+    server's 5xx): exit 0, no traceback, exactly N trials, runs consistent. A database away for longer
+    than dbretry.RETRY_S ends the sweep with one line instead (test_dbretry.py)."""
+    name, n = _unique("pg-restart"), 8
+    cmd = _sweep_cmd(servers, name, n, "--workers", "2", "--heartbeat", "2")
+    proc = _popen(cmd, tmp_path, server_env, tmp_path / "sweep.log")
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        assert proc.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
+        try:
+            done = [t for t in _study(servers, name).get_trials(deepcopy=False) if t.state.is_finished()]
+        except KeyError:
+            done = []
+        if len(done) >= 2:
+            break
+        time.sleep(0.5)
+    restart = subprocess.run([str(SERVERS), "restart-postgres"], capture_output=True, text=True,
+                             timeout=120)
+    assert restart.returncode == 0, restart.stderr
+    rc = proc.wait(900)
+    log = (tmp_path / "sweep.log").read_text()
+    assert rc == 0 and "Traceback" not in log, log[-4000:]
+    _check_study_and_runs(servers, name, n)
+    _wait_http(servers["HARNESS_MLFLOW_URL"] + "/health", 30)  # the shared server survived it too
+
+
+# -- secrets ---------------------------------------------------------------------------------------------
+
+def _texts_of_run(client, run_id: str, dst: Path) -> str:
+    """Every param, tag and text artifact of a run, as one string."""
+    run = client.get_run(run_id)
+    parts = [f"{k}={v}" for k, v in {**run.data.params, **run.data.tags}.items()]
+    local = Path(client.download_artifacts(run_id, "", str(dst)))
+    for f in local.rglob("*"):
+        if f.is_file() and f.suffix in (".yaml", ".json", ".csv", ".txt", ".html", ".md", ""):
+            parts.append(f.read_text(errors="replace"))
+    return "\n".join(parts)
+
+
+def test_passwords_in_urls_never_reach_mlflow_or_the_output(servers, tmp_path):
+    """A sweep and a run given the database password in --storage and credentials in
+    MLFLOW_TRACKING_URI (PGPASSFILE pointed away, so the URL's password is really the one used):
+    the password is in no param, tag or text artifact of any run, and not in stdout/stderr; the
+    storage shows up masked (tag optuna.storage)."""
+    from mlflow import MlflowClient
+
+    pw = _pg_password()
+    storage = servers["HARNESS_PG_URL"].replace("harness@", f"harness:{pw}@")
+    tracking = servers["HARNESS_MLFLOW_URL"].replace("http://", f"http://harness:{pw}@")
+    env = {"MLFLOW_TRACKING_URI": tracking, "PGPASSFILE": str(tmp_path / "no-pgpass")}
+    name = _unique("pg-secret")
+    out = run_cli("harness.sweep", *_sweep_cmd(servers, name, 2, storage=storage)[3:], cwd=tmp_path,
+                  env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert pw not in out.stdout + out.stderr
+    assert "harness:***@" in out.stdout
+    run = run_cli("harness.train", SPEC, *TINY, f"name={name}", cwd=tmp_path, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert pw not in run.stdout + run.stderr
+    doctor = run_cli("harness.doctor", "--storage", storage, "--study", name, cwd=tmp_path, env=env)
+    assert doctor.returncode == 0 and pw not in doctor.stdout + doctor.stderr, doctor.stdout
+
+    client = MlflowClient(servers["HARNESS_MLFLOW_URL"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"tags.`optuna.study` = '{name}'")
+    runs += client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    assert len(runs) == 4  # parent, 2 trials, the single run
+    masked = storage.replace(pw, "***")
+    assert {r.data.tags.get("optuna.storage") for r in runs[:3]} == {masked}
+    for i, r in enumerate(runs):
+        assert pw not in _texts_of_run(client, r.info.run_id, tmp_path / f"art{i}"), r.info.run_name

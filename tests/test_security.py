@@ -113,3 +113,60 @@ def test_tampered_checkpoint_in_the_store_is_refused_on_resume(fast_store, tmp_p
 ])
 def test_mask_url(url, shown):
     assert mask_url(url) == shown
+
+
+def test_storage_password_is_masked_in_a_real_sweep(fast_store, tmp_path, monkeypatch, capsys, caplog):
+    """A sweep given a PostgreSQL URL with a password: its MLflow runs (params, tags, text artifacts)
+    and its output never show the password. No database here, so the storage object behind the URL is
+    a journal file; every path that logs the URL (tags, header, summary, logs) sees the real string."""
+    import logging
+
+    from mlflow import MlflowClient
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from harness import stores, sweep
+
+    secret = "s3cret-Pw"
+    url = f"postgresql+psycopg2://alice:{secret}@db.lab.invalid:5432/optuna"
+    journal = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    monkeypatch.setattr(stores, "optuna_storage", lambda *a, **k: journal)
+    monkeypatch.setattr(stores, "storage_lock", lambda url: __import__("contextlib").nullcontext())
+    caplog.set_level(logging.DEBUG)
+    rc = sweep.main([SPEC, "train.epochs=2", "train.log_model=false", "train.sanity_check=false",
+                     "--n-trials", "2", "--storage", url, "--study", "secret-study"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    text = out.out + out.err + caplog.text
+    assert secret not in text
+    assert "alice:***@db.lab.invalid" in out.out
+
+    client = MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 3  # the parent and 2 trials
+    for i, r in enumerate(runs):
+        assert r.data.tags["optuna.storage"] == url.replace(secret, "***")
+        values = [*r.data.params.values(), *r.data.tags.values()]
+        local = Path(client.download_artifacts(r.info.run_id, "", str(tmp_path / f"a{i}")))
+        values += [f.read_text(errors="replace") for f in local.rglob("*")
+                   if f.is_file() and f.suffix in (".yaml", ".json", ".csv", ".txt", ".html")]
+        assert not [v for v in values if secret in v], r.info.run_name
+
+
+def test_unreachable_storage_and_server_errors_are_masked(tmp_path):
+    """The one-line errors for a database or tracking server that does not answer show no password."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    secret = "s3cret-Pw"
+    out = run_cli("harness.sweep", SPEC, "--n-trials", "1", "--storage",
+                  f"postgresql+psycopg2://alice:{secret}@127.0.0.1:{port}/optuna", cwd=tmp_path,
+                  env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}, timeout=120)
+    assert out.returncode == 2 and secret not in out.stdout + out.stderr, out.stderr
+    assert "alice:***@127.0.0.1" in out.stderr and "Traceback" not in out.stderr
+    out = run_cli("harness.train", SPEC, *TINY, cwd=tmp_path, timeout=120,
+                  env={"MLFLOW_TRACKING_URI": f"http://alice:{secret}@127.0.0.1:{port}"})
+    assert out.returncode == 2 and secret not in out.stdout + out.stderr, out.stderr
+    assert "alice:***@127.0.0.1" in out.stderr and "Traceback" not in out.stderr
