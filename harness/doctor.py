@@ -18,10 +18,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The sweep's heartbeat on RDB storages: a trial whose heartbeat is older than the grace period is
-# stale (its worker died); the sweep fails it and RetryHeartbeatStaleTrialCallback retries it.
-HEARTBEAT_INTERVAL_S = 10
-GRACE_PERIOD_S = 30
+from harness.stores import HEARTBEAT_INTERVAL_S, optuna_storage_kind
+
+# The sweep's heartbeat on RDB storages: a trial whose heartbeat is older than the grace period (3
+# intervals, as harness.stores.optuna_storage sets it) is stale: its worker died; the sweep fails it,
+# ends its MLflow run KILLED and queues its params again.
+GRACE_PERIOD_S = 3 * HEARTBEAT_INTERVAL_S
 # Without a heartbeat (journal file) a RUNNING trial cannot be told from one that is still running
 # elsewhere, unless its worker recorded host and pid and that process is gone. Past this age it is
 # reported as probably stale.
@@ -58,16 +60,13 @@ def default_storage() -> str:
 
 
 def storage_kind(storage: str) -> str:
-    """``journal`` (a file path), ``sqlite``, or ``rdb`` (a database server: postgresql, mysql...)."""
-    if storage.startswith("sqlite"):
-        return "sqlite"
-    if "://" in storage:
-        return "journal" if storage.startswith("journal") else "rdb"
-    return "journal"
+    """``journal`` (a file path), ``sqlite``, ``redis`` (Optuna's Redis journal) or ``rdb`` (a database
+    server: postgresql, mysql...), as the sweep reads ``--storage``."""
+    return optuna_storage_kind(storage)
 
 
 def journal_path(storage: str) -> Path:
-    return Path(storage.split("://", 1)[1] if "://" in storage else storage)
+    return Path(storage)
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -116,6 +115,8 @@ def check_optuna(storage: str | None, *, workers: int = 1, study: str | None = N
         return r.extend(_check_rdb(storage, name, study, grace_period, stale_after, local=True))
     if kind == "journal":
         return _check_journal(journal_path(storage), name, study, stale_after)
+    if kind == "redis":
+        return Report(ok=[f"{name}: not checked (Redis journal)"])
     return _check_rdb(storage, name, study, grace_period, stale_after, local=kind == "sqlite")
 
 
@@ -478,13 +479,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _study_of(spec_path: str, overrides: list[str]) -> str | None:
     """The study a sweep of this spec uses by default (``<spec name>-<spec hash>``)."""
     from harness.spec import load_spec
+    from harness.study import default_study_name
 
-    spec = load_spec(spec_path, overrides)
-    try:
-        from harness.trials import default_study_name
-    except ImportError:
-        return None
-    return default_study_name(spec)
+    return default_study_name(load_spec(spec_path, overrides))
 
 
 def main(argv: list[str] | None = None) -> int:

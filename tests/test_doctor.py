@@ -141,3 +141,18 @@ def test_running_journal_trial_of_a_dead_local_worker_is_reported(tmp_path):
 def test_journal_with_workers_is_fine(tmp_path, workers):
     r = doctor.check_optuna(str(tmp_path / "optuna.journal"), workers=workers)
     assert r.problems == []
+
+
+def test_sweep_check_storage_runs_the_doctor(tmp_path):
+    """`python -m harness.sweep ... --check-storage`: the doctor on the sweep's stores and study."""
+    bad = run_cli("harness.sweep", "--check-storage", "--storage", f"sqlite:///{tmp_path}/o.db",
+                  "--workers", "2", "train.epochs=3", cwd=tmp_path,
+                  env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}, timeout=120)
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert "problem: " in bad.stdout and "SQLite with --workers 2" in bad.stdout
+    (tmp_path / "mlruns").mkdir()
+    good = run_cli("harness.sweep", "--check-storage", "--workers", "2", cwd=tmp_path,
+                   env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}, timeout=120)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "storage doctor: no problems" in good.stdout
+    assert not (tmp_path / "mlflow.db").exists()  # the doctor writes nothing
