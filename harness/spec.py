@@ -238,6 +238,13 @@ def load_spec(path: str | Path | None, overrides: list[str] | dict[str, Any] | N
         raw = loaded
     if overrides:
         ov = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides)
+        search = raw.get("search")
+        if any(k.startswith("search.params.") for k in ov) and (search is None or (
+                isinstance(search, dict) and "params" not in search)):
+            # No search space in the file: `search.params.<key>...` overrides edit the default space
+            # (one bound of optimizer.lr, one more parameter) rather than replace it with a fragment.
+            raw = {**raw, "search": {**(search or {}), "params": {
+                k: p.model_dump(mode="json") for k, p in _default_search_params().items()}}}
         for key, value in ov.items():
             _set_dotted(raw, key, value)
         source = f"{source} + overrides"

@@ -229,3 +229,27 @@ def test_guard_off_survives_yaml(tmp_path):
     assert load_spec(None, ["guard=off"]).guard == "off"
     with pytest.raises(SpecError, match="guard"):
         load_spec(None, ["guard=true"])
+
+
+def test_search_overrides_edit_the_default_space(tmp_path):
+    # No search block in the file: one bound of one default parameter can be changed on the command
+    # line, and a new parameter joins the defaults instead of replacing them.
+    p = tmp_path / "s.yaml"
+    p.write_text("name: s\n")
+    defaults = load_spec(p).search.params
+    s = load_spec(p, ["search.params.optimizer.lr.high=0.5"])
+    assert s.search.params["optimizer.lr"].high == 0.5
+    assert s.search.params["optimizer.lr"].low == defaults["optimizer.lr"].low
+    assert s.search.params["optimizer.lr"].log is True
+    assert set(s.search.params) == set(defaults)
+    s = load_spec(p, ["search.params.model.batchnorm={type: categorical, choices: [true, false]}"])
+    assert set(s.search.params) == set(defaults) | {"model.batchnorm"}
+    # Replacing the whole space stays possible, and a file's own space is edited, not the defaults.
+    assert set(load_spec(p, ["search.params={optimizer.lr: {low: 0.01, high: 0.1}}"]).search.params) == {
+        "optimizer.lr"}
+    q = tmp_path / "q.yaml"
+    q.write_text("search:\n  params:\n    optimizer.lr: {low: 0.001, high: 0.1, log: true}\n")
+    s = load_spec(q, ["search.params.optimizer.lr.high=0.2"])
+    assert set(s.search.params) == {"optimizer.lr"} and s.search.params["optimizer.lr"].high == 0.2
+    # An override that restates a default leaves the spec (and its hash) unchanged.
+    assert load_spec(p, ["search.params.optimizer.lr.high=1.0"]).hash() == load_spec(p).hash()
