@@ -8,6 +8,7 @@ worker loop and the small code that links a trial to its MLflow run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -133,13 +134,14 @@ def _sweep(args: argparse.Namespace) -> int:
     status = "FAILED"
     try:
         if args.workers == 1:
-            rc = trials.run_worker(ctx, on_trial=_printer(ctx))
+            with _sigterm_as_interrupt():
+                rc = trials.run_worker(ctx, on_trial=_printer(ctx))
         else:
             rc = _run_workers(args, ctx)
         status = "FINISHED" if rc == 0 else "FAILED"
     except KeyboardInterrupt:
         status = "KILLED"
-        print("harness.sweep: interrupted; run the same command again to resume", file=sys.stderr)
+        print("harness.sweep: run the same command again to resume the study", file=sys.stderr)
         raise
     finally:
         trials.set_parent_status(ctx, status)
@@ -160,7 +162,24 @@ def _worker(args: argparse.Namespace) -> int:
     ctx = trials.open_context(args, label=f"w{args.worker_index}")
     ctx.parent_run_id = ctx.study.user_attrs[trials.PARENT_ATTR]
     _set_threads(args.workers)
-    return trials.run_worker(ctx, on_trial=_printer(ctx))
+    with _sigterm_as_interrupt():
+        return trials.run_worker(ctx, on_trial=_printer(ctx))
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM between trials ends the sweep like Ctrl-C (the running trial's MLflow run KILLED, its
+    params queued again) instead of leaving a stale trial behind; a run handles it inside itself."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _set_threads(workers: int) -> None:

@@ -28,7 +28,8 @@ def trial_line(t: FrozenTrial, outcome, metric: str, label: str = "") -> str:
     why = f"  ({outcome.reason})" if outcome.reason and t.state != TrialState.COMPLETE else ""
     who = f"[{label}] " if label else ""
     return (f"{who}trial {t.number:>3} {t.state.name:<8} {metric}={shown}  "
-            f"{st.override_line(t.params)}  {outcome.epochs} epochs {outcome.seconds:.1f}s{why}")
+            f"{st.override_line(t.params)}  {outcome.epochs} epoch{'s' * (outcome.epochs != 1)} "
+            f"{outcome.seconds:.1f}s{why}")
 
 
 def epochs_of(t: FrozenTrial) -> int:
@@ -138,11 +139,11 @@ def _plots(ctx, folder: Path) -> list[str]:
         fn = getattr(ovm, f"plot_{name}")
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+                warnings.simplefilter("ignore")  # "experimental", tight-layout notes
                 ax = fn(ctx.study)
-            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-            fig.set_size_inches(10, 6)
-            fig.savefig(folder / f"{name}.png", dpi=90, bbox_inches="tight")
+                fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+                fig.set_size_inches(10, 6)
+                fig.savefig(folder / f"{name}.png", dpi=90, bbox_inches="tight")
             made.append(name)
         except Exception as e:  # e.g. importances with < 2 complete trials, no intermediate values
             log.debug("plot %s skipped: %s", name, e)

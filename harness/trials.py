@@ -268,7 +268,7 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
     metric, n = ctx.spec.search.metric, trial.number
     tags = {"optuna.study": ctx.study_name, "optuna.trial_number": n, "optuna.state": "RUNNING",
             "optuna.storage": stores.optuna_storage_display(ctx.storage_url)}
-    last_epoch = ctx.spec.train.epochs if "train.epochs" not in trial.params else trial.params["train.epochs"]
+    last_epoch = int(trial.params.get("train.epochs", ctx.spec.train.epochs))
     seen: dict[str, Any] = {"epochs": 0, "run_id": None}
 
     def on_epoch(epoch: int, metrics: dict) -> None:
@@ -289,6 +289,7 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
 
     t0 = time.perf_counter()
     state, value, reason = TrialState.FAIL, None, ""
+    retry_params = False
     interrupted: BaseException | None = None
     beat = _Heartbeat(ctx.study, trial)
     try:
@@ -312,8 +313,13 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
         reason = "interrupted"
         interrupted = e
     except Exception as e:  # a crash in one trial (e.g. out of memory) must not end the sweep
-        reason = f"{type(e).__name__}: {e}"
-        log.error("trial %d crashed:\n%s", n, traceback.format_exc())
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        if _store_busy(e):
+            # SQLite's lock held past MLflow's 20 s busy timeout: not the params' fault, run them again.
+            retry_params = True
+            log.warning("trial %d: the MLflow store was busy (%s); its params are queued again", n, e)
+        else:
+            log.error("trial %d crashed:\n%s", n, traceback.format_exc())
     finally:
         beat.stop()
     seconds = time.perf_counter() - t0
@@ -331,10 +337,18 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
     if run_id:
         _end_run(run_id, "KILLED" if reason == "interrupted" else None,
                  {"optuna.state": state.name, "failure_reason": reason})
+    if state == TrialState.FAIL and (retry_params or reason == "interrupted"):
+        # Interrupted (Ctrl-C, SIGTERM) or the store was busy: nothing was learned about the params.
+        st.retry(ctx.study, ctx.study._storage.get_trial(trial._trial_id))
     if interrupted is not None:
         raise interrupted
     return Outcome(state, value if state == TrialState.COMPLETE else None, seen["epochs"], seconds,
                    run_id, reason)
+
+
+def _store_busy(e: BaseException) -> bool:
+    text = f"{e} {e.__cause__ or ''}".lower()
+    return "database is locked" in text or "database table is locked" in text
 
 
 def _last_run_of(ctx: Context, number: int) -> str | None:

@@ -167,22 +167,8 @@ def test_sigkilled_sweep_leaves_a_stale_trial_that_the_next_start_fails_and_retr
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "harness.sweep", SPEC, *FAST, *slow], cwd=tmp_path,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    victim = None
     try:
-        deadline = time.monotonic() + 240
-        while victim is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-            if not (tmp_path / JOURNAL).exists():
-                continue
-            try:
-                study = the_study()
-            except (AssertionError, KeyError):
-                continue
-            running = [t for t in study.trials
-                       if t.state == TrialState.RUNNING and t.user_attrs.get("mlflow_run_id")]
-            if running:
-                victim = running[0]
-        assert victim is not None, "no trial got to its first epoch"
+        victim = wait_for_a_trial_in_its_first_epochs(proc, tmp_path)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -208,6 +194,75 @@ def test_sigkilled_sweep_leaves_a_stale_trial_that_the_next_start_fails_and_retr
     assert len(retried) == 1 and retried[0].params == victim.params
     assert retried[0].state == TrialState.COMPLETE
     assert not [r for r in all_runs(fast_store) if r.info.status == "RUNNING"]
+
+
+def wait_for_a_trial_in_its_first_epochs(proc, tmp_path, timeout=240):
+    """A trial RUNNING with its MLflow run id recorded (it finished an epoch), or fail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+        if not (tmp_path / JOURNAL).exists():
+            continue
+        try:
+            study = the_study()
+        except (AssertionError, KeyError):
+            continue
+        running = [t for t in study.trials
+                   if t.state == TrialState.RUNNING and t.user_attrs.get("mlflow_run_id")]
+        if running:
+            return running[0]
+    raise AssertionError("no trial got to its first epoch")
+
+
+def test_sigterm_ends_the_trial_killed_and_queues_its_params_again(fast_store, tmp_path):
+    slow = ["train.epochs=30", "--n-trials", "1", "--pruner", "none"]
+    proc = subprocess.Popen([sys.executable, "-m", "harness.sweep", SPEC, *FAST, *slow], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        victim = wait_for_a_trial_in_its_first_epochs(proc, tmp_path)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    study = the_study()
+    t = study.trials[victim.number]
+    assert t.state == TrialState.FAIL and t.user_attrs["failure_reason"] == "interrupted"
+    assert [w.params for w in study.trials if w.state == TrialState.WAITING] == [victim.params]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(fast_store)
+    run = client.get_run(victim.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "FAIL"
+    parent = children_and_parent(fast_store)[0][0]
+    assert parent.info.status == "KILLED"
+    from harness.sweep import main
+
+    assert main([SPEC, *FAST, *slow]) == 0  # resumes: the queued params run, the study completes
+    study = the_study()
+    assert [s for s in states(study)] == ["FAIL", "COMPLETE"]
+    assert study.trials[1].params == victim.params
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_retry_failed_queues_the_params_of_crashed_trials(fast_store):
+    from harness.spec import load_spec
+    from harness.study import distributions
+
+    assert sweep("--n-trials", "1") == 0
+    study = the_study()
+    space = distributions(load_spec(SPEC, FAST))
+    crashed = {"optimizer.lr": 0.02, "optimizer.momentum": 0.5, "model.dropout": 0.1}
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, params=crashed,
+                                              distributions=space, user_attrs={"failure_reason": "boom"}))
+    assert sweep("--n-trials", "2") == 0  # without the flag: a fresh trial, the crash stays as it was
+    assert sweep("--n-trials", "3", "--retry-failed") == 0
+    study = the_study()
+    assert states(study) == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert study.trials[2].params != crashed
+    assert study.trials[3].params == crashed and study.trials[3].system_attrs["failed_trial"] == 1
 
 
 # -- pruning and divergence --------------------------------------------------------------------------------
