@@ -4,7 +4,7 @@ those servers against the local stores (Optuna journal file + MLflow SQLite).
 
     eval "$(scripts/servers.sh start)"          # PostgreSQL + mlflow server on 127.0.0.1
     python benchmarks/scale.py                  # ~5 min on 2 cores
-    python benchmarks/scale.py --trials 24 --workers 1,2,3 --local-workers 1,2 train.epochs=8
+    python benchmarks/scale.py --repeat 3 --trials 24 --local-workers 1,2,3   # steadier, ~25 min
     scripts/servers.sh stop
 
 Every configuration runs the same sweep (random sampler seeded by the spec, no pruner, so every
@@ -40,6 +40,7 @@ class Result:
     wall_s: float
     span_s: float
     trial_s: float  # median duration of one trial (start to end in Optuna)
+    overhead_s: float  # median of (trial duration - its training and validation time)
 
     @property
     def per_min_wall(self) -> float:
@@ -70,8 +71,21 @@ def sweep(name: str, workers: int, storage: str | None, tracking_uri: str, workd
     if len(trials) != args.trials:
         sys.exit(f"scale.py: {name}: expected {args.trials} finished trials, found {len(trials)}")
     span = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
-    per_trial = statistics.median((t.datetime_complete - t.datetime_start).total_seconds() for t in trials)
-    return Result(name, workers, len(trials), wall, span, per_trial)
+    durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials]
+    overheads = [d - _compute_s(tracking_uri, t.user_attrs["mlflow_run_id"])
+                 for d, t in zip(durations, trials)]
+    return Result(name, workers, len(trials), wall, span, statistics.median(durations),
+                  statistics.median(overheads))
+
+
+def _compute_s(tracking_uri: str, run_id: str) -> float:
+    """Seconds a trial spent training and validating (its per-epoch timing metrics): the rest of its
+    duration is bookkeeping: MLflow logging, checkpoints, the model, Optuna's reports."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    return sum(m.value for key in ("time/train_epoch_s", "val/seconds")
+               for m in client.get_metric_history(run_id, key))
 
 
 def _finished_trials(storage: str, study: str):
@@ -103,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=_ints, default=[1, 2, 3], help="worker counts on the servers (1,2,3)")
     p.add_argument("--local-workers", type=_ints, default=[1],
                    help="worker counts on the local stores (default 1: the overhead baseline)")
+    p.add_argument("--repeat", type=int, default=1, help="rounds over every configuration; medians")
     args = p.parse_args(argv)
     pg, server = os.environ.get("HARNESS_PG_URL"), os.environ.get("HARNESS_MLFLOW_URL")
     if not pg or not server:
@@ -116,28 +131,40 @@ def main(argv: list[str] | None = None) -> int:
     print(f"servers: optuna {mask_url(pg)}, mlflow {mask_url(server)}")
     print(f"command: python benchmarks/scale.py {' '.join(shlex.quote(a) for a in (argv or sys.argv[1:]))}",
           flush=True)
-    results: list[Result] = []
+    configs = [("local", k) for k in args.local_workers] + [("servers", k) for k in args.workers]
+    runs: dict[tuple[str, int], list[Result]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory(prefix="harness-scale-") as tmp:
-        for k in args.local_workers:
-            work = Path(tmp) / f"local-{k}"
-            work.mkdir()
-            results.append(sweep("local", k, None, f"sqlite:///{work / 'mlflow.db'}", work, args))
-            _row(results[-1])
-        for k in args.workers:
-            work = Path(tmp) / f"servers-{k}"
-            work.mkdir()
-            results.append(sweep("servers", k, pg, server, work, args))
-            _row(results[-1])
+        for rep in range(args.repeat):  # round-robin, so drifting background load hits every config
+            for name, k in configs:
+                work = Path(tmp) / f"{name}-{k}-{rep}"
+                work.mkdir()
+                if name == "local":
+                    r = sweep(name, k, None, f"sqlite:///{work / 'mlflow.db'}", work, args)
+                else:
+                    r = sweep(name, k, pg, server, work, args)
+                runs[(name, k)].append(r)
+                _row(r)
+    results = [_median(rs) for rs in runs.values()]
+    if args.repeat > 1:
+        print(f"medians of {args.repeat} rounds:")
+        for r in results:
+            _row(r)
     _ratios(results)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 
 
+def _median(rs: list[Result]) -> Result:
+    med = statistics.median
+    return Result(rs[0].name, rs[0].workers, rs[0].trials, med(r.wall_s for r in rs),
+                  med(r.span_s for r in rs), med(r.trial_s for r in rs), med(r.overhead_s for r in rs))
+
+
 def _row(r: Result) -> None:
     label = "journal + SQLite" if r.name == "local" else "PostgreSQL + mlflow server"
     print(f"  {label:27s} {r.workers} worker(s): {r.per_min_steady:6.1f} trials/min steady "
-          f"({r.per_min_wall:5.1f} over the whole command, {r.wall_s:5.0f} s), "
-          f"median trial {r.trial_s:5.2f} s", flush=True)
+          f"({r.per_min_wall:5.1f} over the whole command, {r.wall_s:4.0f} s); a trial: {r.trial_s:5.2f} s, "
+          f"of which {r.overhead_s:5.2f} s not training", flush=True)
 
 
 def _ratios(results: list[Result]) -> None:
@@ -148,17 +175,18 @@ def _ratios(results: list[Result]) -> None:
         for k, r in sorted(servers.items()):
             if k != 1:
                 print(f"{k} workers / 1 worker on the servers: {r.per_min_steady / base.per_min_steady:.2f}x "
-                      f"steady, {r.per_min_wall / base.per_min_wall:.2f}x over the command")
-    if 1 in servers and 1 in local:
-        s, l = servers[1], local[1]
-        extra = s.trial_s - l.trial_s
-        print(f"per-trial overhead of PostgreSQL + mlflow server vs the local stores (1 worker): "
-              f"{extra:+.2f} s a trial ({100 * extra / l.trial_s:+.0f}%: median trial {s.trial_s:.2f} s vs "
-              f"{l.trial_s:.2f} s); steady rate {s.per_min_steady / l.per_min_steady:.2f}x of local")
+                      f"steady, {r.per_min_wall / base.per_min_wall:.2f}x over the whole command")
     for k, r in sorted(local.items()):
         if k != 1 and 1 in local:
             print(f"{k} workers / 1 worker on the local stores: "
                   f"{r.per_min_steady / local[1].per_min_steady:.2f}x steady")
+    if 1 in servers and 1 in local:
+        s, l = servers[1], local[1]
+        extra = s.overhead_s - l.overhead_s
+        print(f"per-trial overhead of PostgreSQL + mlflow server vs the local stores (1 worker): "
+              f"{extra:+.2f} s a trial ({s.overhead_s:.2f} s vs {l.overhead_s:.2f} s of each trial spent "
+              f"outside training and validation); steady rate {s.per_min_steady / l.per_min_steady:.2f}x "
+              f"of the local stores'")
 
 
 if __name__ == "__main__":
