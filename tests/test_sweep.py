@@ -363,6 +363,26 @@ def test_sqlite_storage_with_one_worker_works(fast_store, tmp_path):
     assert len(the_study(url).trials) == 2
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat")
+def test_rdb_heartbeat_fails_a_silent_trial_of_another_host_and_retries_it(fast_store, tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert sweep("--storage", url, "--n-trials", "1") == 0
+    study = the_study(url)
+    from harness.spec import load_spec
+    from harness.study import distributions
+
+    # A worker on another machine took a trial, beat once, and died.
+    ghost = study.ask(fixed_distributions=distributions(load_spec(SPEC, FAST)))
+    ghost.set_user_attr("worker", {"host": "elsewhere", "pid": 1, "started": 0, "label": ""})
+    study._storage.record_heartbeat(ghost._trial_id)
+    time.sleep(3.5)  # --heartbeat 1: stale after 3 s of silence
+    assert sweep("--storage", url, "--n-trials", "2", "--heartbeat", "1") == 0
+    study = the_study(url)
+    assert states(study) == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert study.trials[2].params == ghost.params
+    assert study.trials[2].system_attrs["failed_trial"] == ghost.number
+
+
 # -- user errors and the CLI itself ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("override, words", [
