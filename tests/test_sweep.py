@@ -163,7 +163,7 @@ def test_two_workers_end_with_exactly_n_trials_under_one_parent(fast_store, tmp_
 
 
 def test_sigkilled_sweep_leaves_a_stale_trial_that_the_next_start_fails_and_retries(fast_store, tmp_path):
-    slow = ["train.epochs=20", "--n-trials", "2", "--pruner", "none"]
+    slow = ["train.epochs=40", "--n-trials", "2", "--pruner", "none"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "harness.sweep", SPEC, *FAST, *slow], cwd=tmp_path,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -215,7 +215,7 @@ def wait_for_a_trial_in_its_first_epochs(proc, tmp_path, timeout=240):
 
 
 def test_sigterm_ends_the_trial_killed_and_queues_its_params_again(fast_store, tmp_path):
-    slow = ["train.epochs=30", "--n-trials", "1", "--pruner", "none"]
+    slow = ["train.epochs=50", "--n-trials", "1", "--pruner", "none"]
     proc = subprocess.Popen([sys.executable, "-m", "harness.sweep", SPEC, *FAST, *slow], cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
