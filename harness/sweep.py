@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"experiment spec (YAML); default {DEFAULT_SPEC}")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="typed spec overrides applied to every trial, e.g. train.epochs=10")
-    p.add_argument("--n-trials", type=_positive_int, default=DEFAULT_N_TRIALS,
+    p.add_argument("--n-trials", type=_positive_int, default=DEFAULT_N_TRIALS, metavar="N",
                    help=f"finished trials (COMPLETE + PRUNED) the study should have in total; a re-run "
                         f"only adds the missing ones (default {DEFAULT_N_TRIALS})")
     p.add_argument("--timeout", type=_positive_float, metavar="S",
