@@ -378,7 +378,8 @@ def test_sigkilled_worker_trial_goes_stale_is_retried_and_its_run_ends_killed(se
     env = server_env
     hb = ["--heartbeat", "1"]  # stale after 3 s
     cmd = _sweep_cmd(servers, name, n, *hb)
-    cmd[cmd.index("train.epochs=3")] = "train.epochs=8"  # long enough trials to be killed mid-way
+    # long enough trials to be killed mid-way even on a quiet machine (~0.1 s per epoch)
+    cmd[cmd.index("train.epochs=3")] = "train.epochs=100"
     a = _popen(cmd, tmp_path, env, tmp_path / "a.log", prefix=other)
     # A trial of A, mid-way: RUNNING with its MLflow run started (mlflow_run_id is set at epoch 1).
     deadline, victim = time.time() + 300, None
