@@ -8,9 +8,7 @@ import logging
 import os
 import platform
 import random
-import signal
 import subprocess
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 
 from harness import checkpoint as ckpt
 from harness import stores
+from harness.cli import Terminated, sigterm_as_interrupt  # noqa: F401 (Terminated: public here)
 from harness.data import Data, load_data
 from harness.guard import ModeGuard, ModeGuardError
 from harness.loop import Diverged, evaluate, sanity_check, train_one_epoch
@@ -38,9 +37,6 @@ class Stopped(Exception):
     """Raised by an ``on_epoch`` callback to end a run early on purpose (e.g. a pruned trial).
     The MLflow run keeps its partial curves and ends FINISHED with tag ``stopped_early``."""
 
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into an exception so the run is marked KILLED like on Ctrl-C."""
 
 
 @dataclass
@@ -130,22 +126,6 @@ def build(spec: Spec, device: torch.device | None = None, data: Data | None = No
 # -- the MLflow run's life ---------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Terminated(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
 def mlflow_run(*, experiment_id: str, run_name: str | None = None, parent_run_id: str | None = None,
                run_id: str | None = None, tags: dict | None = None,
                system_metrics: bool = False) -> Iterator[str]:
@@ -154,7 +134,7 @@ def mlflow_run(*, experiment_id: str, run_name: str | None = None, parent_run_id
     server that is gone: the run stays RUNNING there for --resume)."""
     import mlflow
 
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         active = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
                                   run_name=None if run_id else run_name, parent_run_id=parent_run_id,
                                   nested=parent_run_id is not None, tags=tags,

@@ -8,9 +8,10 @@ worker loop and the small code that links a trial to its MLflow run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
+
+from harness.cli import sigterm_as_interrupt
 
 DEFAULT_SPEC = "experiments/digits_lenet.yaml"
 # 30 trials x 20 epochs of LeNet on digits: ~1 s a trial on a laptop core, about a minute of training
@@ -134,7 +135,7 @@ def _sweep(args: argparse.Namespace) -> int:
     status = "FAILED"
     try:
         if args.workers == 1:
-            with _sigterm_as_interrupt():
+            with sigterm_as_interrupt():
                 rc = trials.run_worker(ctx, on_trial=_printer(ctx))
         else:
             rc = _run_workers(args, ctx)
@@ -162,24 +163,8 @@ def _worker(args: argparse.Namespace) -> int:
     ctx = trials.open_context(args, label=f"w{args.worker_index}")
     ctx.parent_run_id = ctx.study.user_attrs[trials.PARENT_ATTR]
     _set_threads(args.workers)
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         return trials.run_worker(ctx, on_trial=_printer(ctx))
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM between trials ends the sweep like Ctrl-C (the running trial's MLflow run KILLED, its
-    params queued again) instead of leaving a stale trial behind; a run handles it inside itself."""
-    import signal
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _set_threads(workers: int) -> None:
