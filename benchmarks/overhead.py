@@ -1,6 +1,6 @@
 """Harness overhead: seconds per epoch of the harness vs a plain tutorial loop vs the tutorial's DataLoader.
 
-    python benchmarks/overhead.py [--train 10000] [--val 2000] [--epochs 4] [--rounds 3] [--threads 1] [--keep]
+    python benchmarks/overhead.py [--train 10000] [--val 2000] [--epochs 4] [--rounds 3] [--threads N] [--keep]
 
 Three ways to train the same model, the harness's ``lenet`` (conv 6@5x5 -> pool -> conv 12@5x5 -> pool ->
 120 -> 60 -> 10), from the same initial weights, with SGD (lr 0.05, momentum 0.9) and batch size 100, on
@@ -87,42 +87,17 @@ def _clocks() -> tuple[float, float]:
     return time.perf_counter(), time.thread_time()
 
 
-def plain_epoch(model, opt, x, y, xv, yv, bs: int) -> dict:
-    """(a) One tutorial epoch over in-memory tensors."""
-    import torch
+def tutorial_epoch(model, opt, train_batches, val_batches) -> dict:
+    """One tutorial epoch (train, then validate) over any iterables of ``(inputs, labels)`` batches.
 
-    loss_fn = torch.nn.CrossEntropyLoss()
-    w0, c0 = _clocks()
-    model.train()
-    perm = torch.randperm(len(y))
-    running_loss = 0.0
-    for i in range(0, len(y), bs):
-        idx = perm[i:i + bs]
-        inputs, labels = x[idx], y[idx]
-        opt.zero_grad()
-        loss = loss_fn(model(inputs), labels)
-        loss.backward()
-        opt.step()
-        running_loss += loss.item()
-    train = time.perf_counter() - w0
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(yv), 1000):
-            correct += (model(xv[i:i + 1000]).argmax(1) == yv[i:i + 1000]).sum().item()
-    w1, c1 = _clocks()
-    return {"train": train, "wall": w1 - w0, "cpu": c1 - c0, "acc": correct / len(yv)}
-
-
-def loader_epoch(model, opt, train_loader, val_loader) -> dict:
-    """(c) One tutorial epoch through torchvision + ToTensor + DataLoader."""
+    Arms (a) and (c) both run this very code; only where their batches come from differs."""
     import torch
 
     loss_fn = torch.nn.CrossEntropyLoss()
     w0, c0 = _clocks()
     model.train()
     running_loss = 0.0
-    for inputs, labels in train_loader:
+    for inputs, labels in train_batches:
         opt.zero_grad()
         loss = loss_fn(model(inputs), labels)
         loss.backward()
@@ -132,11 +107,21 @@ def loader_epoch(model, opt, train_loader, val_loader) -> dict:
     model.eval()
     correct = total = 0
     with torch.no_grad():
-        for inputs, labels in val_loader:
+        for inputs, labels in val_batches:
             correct += (model(inputs).argmax(1) == labels).sum().item()
             total += len(labels)
     w1, c1 = _clocks()
     return {"train": train, "wall": w1 - w0, "cpu": c1 - c0, "acc": correct / total}
+
+
+def tensor_batches(x, y, bs: int, shuffle: bool):
+    """(a)'s batches: in-memory tensors sliced by hand (a fresh ``randperm`` per epoch when shuffling)."""
+    import torch
+
+    order = torch.randperm(len(y)) if shuffle else torch.arange(len(y))
+    for i in range(0, len(y), bs):
+        idx = order[i:i + bs]
+        yield x[idx], y[idx]
 
 
 def same_model(harness_model):
@@ -152,25 +137,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val", type=int, default=2_000, help="validation examples (default 2000)")
     p.add_argument("--epochs", type=int, default=4, help="timed epochs per round, after one warm-up (default 4)")
     p.add_argument("--rounds", type=int, default=3, help="rounds: fresh run and models each (default 3)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads for every arm (default 1: on a shared machine more threads than "
-                        "free cores make every arm erratic)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for every arm (default: torch's own default, one per core, as a "
+                        "researcher's script runs; --threads 1 isolates the single-core case, where the "
+                        "model's compute dominates every arm)")
     p.add_argument("--keep", action="store_true", help="keep the temporary MLflow store and data")
     p.add_argument("--set", nargs="*", default=[], metavar="key=value",
                    help="extra spec overrides for the harness arm, e.g. guard=off train.checkpoint=false")
     args = p.parse_args(argv)
 
-    import logging
-
     import torch
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
 
+    from harness.cli import setup_logging
     from harness.data import _split, load_data
     from harness.run import build, run
     from harness.spec import load_spec, parse_overrides
 
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    setup_logging()
+    args.threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="harness-overhead-"))
     os.chdir(work)  # mlruns/ (artifacts, checkpoints) lands here
@@ -222,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             t_in = _clocks()
             e = {"harness": {"train": metrics["time/train_epoch_s"], "val": metrics["val/seconds"],
                              "acc": metrics["val/acc"]}}
-            arms = [("plain", lambda: plain_epoch(plain_model, plain_opt, x, y, xv, yv, bs)),
-                    ("loader", lambda: loader_epoch(loader_model, loader_opt, train_loader, val_loader))]
+            arms = [("plain", lambda: tutorial_epoch(plain_model, plain_opt, tensor_batches(x, y, bs, True),
+                                                     tensor_batches(xv, yv, 1000, False))),
+                    ("loader", lambda: tutorial_epoch(loader_model, loader_opt, train_loader, val_loader))]
             for name, fn in (arms if epoch % 2 else arms[::-1]):
                 e[name] = fn()
             epochs.append(e)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -10,6 +11,8 @@ from typing import Iterator
 
 
 def setup_logging(verbose: bool = False) -> None:
+    # MLflow sets its own logger's level when first imported (later, lazily): tell it through its variable.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if verbose else "WARNING")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "mlflow", "urllib3", "git", "optuna"):

@@ -287,5 +287,13 @@ def _db_lock(url: str) -> Iterator[None]:
             yield
 
 
+def mlflow_ui_command() -> str:
+    """How to see this store's runs: a server is already a UI; a local store needs ``mlflow ui``."""
+    uri = mask_url(tracking_uri())
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser (the tracking server is the UI)"
+    return f"mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)"
+
+
 def optuna_dashboard_command(url: str | None) -> str:
     return f"optuna-dashboard {optuna_storage_display(url)}"

@@ -76,8 +76,7 @@ def print_summary(ctx, s: dict[str, Any], out=print) -> None:
         line = " ".join([ctx.spec_path, *ctx.overrides, st.override_line(top.params)])
         out(f"  python -m harness.train {line}")
     out("browse:")
-    out(f"  mlflow ui --backend-store-uri {stores.mask_url(stores.tracking_uri())}   "
-        f"(parent run sweep:{ctx.study_name}, id {ctx.parent_run_id})")
+    out(f"  {stores.mlflow_ui_command()}; parent run sweep:{ctx.study_name}, id {ctx.parent_run_id}")
     out(f"  {stores.optuna_dashboard_command(ctx.storage_url)}")
 
 

@@ -18,7 +18,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
     p.add_argument("--run-name", help="MLflow run name")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may follow options
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_spec(args.spec, args.overrides)
         from harness.loop import Diverged
         from harness.run import run
-        from harness.stores import mask_url, tracking_uri
+        from harness.stores import mlflow_ui_command
 
         try:
             result = run(spec, run_name=args.run_name, resume_run_id=args.resume, progress=not args.quiet)
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
               f"test/acc {m['test/acc']:.4f}, {result.seconds:.1f}s")
         if result.guard:
             print(f"mode guard findings: {result.guard}")
-        print(f"browse: mlflow ui --backend-store-uri {mask_url(tracking_uri())}  (http://127.0.0.1:5000)")
+        print(f"browse: {mlflow_ui_command()}")
     return 0
 
 

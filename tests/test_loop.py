@@ -179,8 +179,9 @@ def test_same_spec_and_seed_give_identical_metrics(fast_store):
 # -- divergence ----------------------------------------------------------------------------------------
 
 def test_divergence_fails_the_run_with_a_clear_message(fast_store, tmp_path):
-    r = run_cli("harness.train", DIGITS, "optimizer.lr=1e6", "train.epochs=3", "train.log_model=false",
-                "--quiet", cwd=tmp_path, timeout=300)
+    # options may come before the overrides too (intermixed parsing)
+    r = run_cli("harness.train", DIGITS, "--quiet", "optimizer.lr=1e6", "train.epochs=3", "train.log_model=false",
+                cwd=tmp_path, timeout=300)
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr + r.stdout
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("harness.train:")]

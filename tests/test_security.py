@@ -12,7 +12,7 @@ import torch
 
 from conftest import ROOT, TINY, run_cli
 from harness import checkpoint as ckpt
-from harness.stores import mask_url
+from harness.stores import mask_url, mlflow_ui_command
 
 SPEC = str(ROOT / "experiments" / "digits_lenet.yaml")
 
@@ -113,6 +113,14 @@ def test_tampered_checkpoint_in_the_store_is_refused_on_resume(fast_store, tmp_p
 ])
 def test_mask_url(url, shown):
     assert mask_url(url) == shown
+
+
+def test_browse_hint_points_at_a_server_and_masks_its_password(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s3cret@mlflow.lab:5000")
+    hint = mlflow_ui_command()
+    assert hint.startswith("open http://alice:***@mlflow.lab:5000") and "s3cret" not in hint
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    assert mlflow_ui_command().startswith("mlflow ui --backend-store-uri sqlite:///mlflow.db")
 
 
 def test_storage_password_is_masked_in_a_real_sweep(fast_store, tmp_path, monkeypatch, capsys, caplog):
