@@ -153,15 +153,6 @@ def mlflow_run(*, experiment_id: str, run_name: str | None = None, parent_run_id
             _end_run(status)
 
 
-def _tracking_server_down() -> bool:
-    """True when the tracking URI is a server that does not answer /health now."""
-    try:
-        stores.check_tracking_server(stores.tracking_uri(), timeout=3)
-    except stores.StoreError:
-        return True
-    return False
-
-
 @contextlib.contextmanager
 def _no_http_retries() -> Iterator[None]:
     keys = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
@@ -182,7 +173,7 @@ def _end_run(status: str) -> None:
     server keeps it RUNNING until ``--resume``) instead of retrying for minutes over the first error."""
     import mlflow
 
-    if status != "FINISHED" and _tracking_server_down():
+    if status != "FINISHED" and stores.tracking_server_down():
         with _no_http_retries():
             try:
                 mlflow.end_run(status)
@@ -202,7 +193,7 @@ def _tracking_server_gone_is_clear() -> Iterator[dict]:
     except (UserError, Stopped, Diverged):
         raise
     except Exception as e:
-        if not _tracking_server_down():
+        if not stores.tracking_server_down():
             raise
         run_id = seen.get("run_id")
         where = (f"during run {run_id}; what it logged before is kept there: once the server is back, "
@@ -287,7 +278,7 @@ def run(
             tracker.set_tags({"stopped_early": str(e) or "stopped"})
             raise
         except BaseException:
-            if not _tracking_server_down():
+            if not stores.tracking_server_down():
                 tracker.flush()  # what was measured before the failure is kept
             raise
         finally:

@@ -61,6 +61,20 @@ def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
                      f"start it (see README 'Scaling out') or unset MLFLOW_TRACKING_URI")
 
 
+def tracking_server_down() -> bool:
+    """True when the tracking URI is a server that does not answer /health now (a local store: never)."""
+    try:
+        check_tracking_server(tracking_uri(), timeout=3)
+    except StoreError:
+        return True
+    return False
+
+
+def server_gone_error(doing: str) -> StoreError:
+    return StoreError(f"the tracking server {mask_url(tracking_uri())} stopped answering {doing}; "
+                      f"once it is back, run the same command again")
+
+
 def setup_mlflow() -> str:
     """Point MLflow at the configured store (checked reachable) and return its URI."""
     import mlflow

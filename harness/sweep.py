@@ -120,7 +120,7 @@ def _sweep(args: argparse.Namespace) -> int:
     (here or in K worker processes), then print and log the summary."""
     import time
 
-    from harness import sweep_report, trials
+    from harness import stores, sweep_report, trials
 
     t0 = time.perf_counter()
     ctx = trials.open_context(args)
@@ -132,7 +132,7 @@ def _sweep(args: argparse.Namespace) -> int:
             print(f"queued {n} failed trial(s) to run again with the same params", flush=True)
     _print_header(ctx)
     trials.set_parent_status(ctx, "RUNNING")
-    status = "FAILED"
+    status: str | None = "FAILED"
     try:
         if args.workers == 1:
             with sigterm_as_interrupt():
@@ -144,8 +144,12 @@ def _sweep(args: argparse.Namespace) -> int:
         status = "KILLED"
         print("harness.sweep: run the same command again to resume the study", file=sys.stderr)
         raise
+    except stores.StoreError:
+        status = None  # MLflow is gone: the parent run is marked again by the next start
+        raise
     finally:
-        trials.set_parent_status(ctx, status)
+        if status is not None:
+            trials.set_parent_status(ctx, status)
     summary = sweep_report.summarize(ctx)
     sweep_report.print_summary(ctx, summary)
     sweep_report.log_to_parent(ctx, summary)

@@ -14,6 +14,7 @@ crashed (exception)    FAIL              FAILED
 Ctrl-C / SIGTERM       FAIL              KILLED
 worker SIGKILLed       FAIL (next start  KILLED (by the next start or the RDB heartbeat)
                        or heartbeat)
+tracking server gone   FAIL, queued      FAILED (by the next start: the sweep stops with one line)
 =====================  ================  ===========================================================
 
 Every child run has the tag ``optuna.state`` with the final Optuna state, and the trial the user
@@ -157,6 +158,9 @@ def _describe(p) -> str:
 def set_parent_status(ctx: Context, status: str) -> None:
     from mlflow import MlflowClient
 
+    if stores.tracking_server_down():  # one line now, not minutes of MLflow's retries and a traceback
+        raise stores.server_gone_error(f"before the parent run sweep:{ctx.study_name} could be marked "
+                                       f"{status}")
     client = MlflowClient()
     client.set_tag(ctx.parent_run_id, "sweep.sampler", ctx.sampler)
     client.set_tag(ctx.parent_run_id, "sweep.pruner", ctx.pruner)
@@ -188,12 +192,43 @@ def retry_failed_trials(ctx: Context) -> int:
 
 
 def cleanup_stale(ctx: Context) -> None:
-    """At start: fail the RUNNING trials of dead local workers (and heartbeat-stale ones)."""
+    """At start: fail the RUNNING trials of dead local workers (and heartbeat-stale ones), then end
+    the MLflow runs still RUNNING of trials that are over."""
     with ctx.lock():
         for t in st.stale_trials(ctx.study):
             if st.fail_trial(ctx.study, t, st.stale_reason(t)):
                 _on_stale(ctx.study, ctx.study._storage.get_trial(t._trial_id))
         st.fail_heartbeat_stale(ctx.study)
+    end_orphan_runs(ctx)
+
+
+# The MLflow status an orphan run gets for its trial's final Optuna state.
+ORPHAN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED", TrialState.FAIL: "FAILED"}
+
+
+def end_orphan_runs(ctx: Context) -> int:
+    """Child runs left RUNNING although their trial is over: the tracking server went away before the
+    worker could end them (Optuna was told; MLflow could not be). Ended as the trial's state says."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    runs = client.search_runs(
+        [ctx.experiment_id], max_results=1000,
+        filter_string=f"tags.mlflow.parentRunId = '{ctx.parent_run_id}' and attributes.status = 'RUNNING'")
+    trials = {t.number: t for t in ctx.study.get_trials(deepcopy=False)}
+    ended = 0
+    for r in runs:
+        number = r.data.tags.get("optuna.trial_number", "")
+        t = trials.get(int(number)) if number.isdigit() else None
+        if t is None or t.state not in ORPHAN_STATUS:
+            continue  # still running somewhere (another machine's worker): not ours to end
+        reason = t.user_attrs.get("failure_reason", "")
+        _end_run(r.info.run_id, ORPHAN_STATUS[t.state], {"optuna.state": t.state.name, "failure_reason": reason})
+        log.warning("trial %d is %s but its MLflow run %s was left RUNNING (%s): ended %s", t.number,
+                    t.state.name, r.info.run_id, reason or "its worker could not reach MLflow",
+                    ORPHAN_STATUS[t.state])
+        ended += 1
+    return ended
 
 
 def find_trial_run(study_name: str, trial: FrozenTrial) -> str | None:
@@ -289,7 +324,7 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
 
     t0 = time.perf_counter()
     state, value, reason = TrialState.FAIL, None, ""
-    retry_params = False
+    retry_params = mlflow_gone = False
     interrupted: BaseException | None = None
     beat = _Heartbeat(ctx.study, trial)
     try:
@@ -306,6 +341,11 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
         state, reason = TrialState.PRUNED, str(e)
     except Diverged as e:
         state, reason = TrialState.PRUNED, f"diverged: {e}"
+    except stores.StoreError as e:
+        # The tracking server is gone: tell Optuna (its own storage), queue the params again and stop
+        # with one line; the next start ends this trial's MLflow run (end_orphan_runs).
+        reason, retry_params, mlflow_gone = f"StoreError: {e}", True, True
+        interrupted = e
     except UserError as e:
         reason = f"{type(e).__name__}: {e}"
         interrupted = e  # the same mistake would fail every trial: stop the sweep with one line
@@ -323,7 +363,7 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
     finally:
         beat.stop()
     seconds = time.perf_counter() - t0
-    run_id = seen["run_id"] or _last_run_of(ctx, n)
+    run_id = seen["run_id"] or (None if mlflow_gone else _last_run_of(ctx, n))
     try:
         for key, v in {"mlflow_run_id": run_id or "", "epochs": seen["epochs"],
                        "seconds": round(seconds, 2), "failure_reason": reason}.items():
@@ -334,7 +374,7 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
         log.warning("trial %d could not be told %s (%s); its MLflow run keeps the result",
                     n, state.name, str(e).splitlines()[0])
         state = ctx.study._storage.get_trial(trial._trial_id).state
-    if run_id:
+    if run_id and not mlflow_gone:
         _end_run(run_id, "KILLED" if reason == "interrupted" else None,
                  {"optuna.state": state.name, "failure_reason": reason})
     if state == TrialState.FAIL and (retry_params or reason == "interrupted"):

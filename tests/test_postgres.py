@@ -443,6 +443,53 @@ def test_postgres_restarted_mid_sweep_the_sweep_recovers(servers, server_env, tm
     _wait_http(servers["HARNESS_MLFLOW_URL"] + "/health", 30)  # the shared server survived it too
 
 
+def test_tracking_server_gone_mid_sweep_stops_it_with_one_line_and_the_next_start_mends_it(
+        servers, own_server, tmp_path):
+    """The tracking server stops mid-trial and stays down (retries shortened): the sweep ends with one
+    line, exit 2, no traceback; Optuna has the trial FAIL with its params queued again. Once the server
+    is back, the same command finishes the study: exactly N trials, and the interrupted trial's run,
+    left RUNNING on the server, is ended FAILED (end_orphan_runs)."""
+    name, n = _unique("pg-gone-sweep"), 2
+    env = {"MLFLOW_TRACKING_URI": own_server.url, "PGPASSFILE": servers["PGPASSFILE"]}
+    short = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+             "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    cmd = _sweep_cmd(servers, name, n)
+    cmd[cmd.index("train.epochs=3")] = "train.epochs=60"  # long enough for the stop to land mid-trial
+    proc = _popen(cmd, tmp_path, {**env, **short}, tmp_path / "a.log")
+    deadline, victim = time.time() + 300, None
+    while victim is None and time.time() < deadline:
+        assert proc.poll() is None, (tmp_path / "a.log").read_text()[-3000:]
+        try:
+            running = _study(servers, name).get_trials(deepcopy=False)
+        except KeyError:
+            running = []
+        victim = next((t for t in running if t.state.name == "RUNNING"
+                       and t.user_attrs.get("mlflow_run_id")), None)
+        time.sleep(0.5)
+    assert victim is not None, "the sweep never got a trial going"
+    own_server.stop()
+    assert proc.wait(300) == 2, (tmp_path / "a.log").read_text()[-3000:]
+    log = (tmp_path / "a.log").read_text()
+    assert "Traceback" not in log, log[-3000:]
+    last = log.strip().splitlines()[-1]
+    assert last.startswith("harness.sweep: error: the tracking server ") and own_server.url in last, log
+    failed = _study(servers, name)._storage.get_trial(victim._trial_id)
+    assert failed.state.name == "FAIL" and "StoreError" in failed.user_attrs["failure_reason"]
+
+    own_server.start()
+    from mlflow import MlflowClient
+
+    assert MlflowClient(own_server.url).get_run(victim.user_attrs["mlflow_run_id"]).info.status == "RUNNING"
+    again = _popen(cmd, tmp_path, env, tmp_path / "b.log")
+    assert again.wait(600) == 0, (tmp_path / "b.log").read_text()[-3000:]
+    study, trials, runs, parent = _check_study_and_runs(servers, name, n)  # none left RUNNING
+    run = runs[failed.number]
+    assert run.info.status == "FAILED" and "StoreError" in run.data.tags["failure_reason"]
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == failed.number]
+    assert len(retries) == 1 and retries[0].params == failed.params
+    assert parent.info.status == "FINISHED"
+
+
 # -- secrets ---------------------------------------------------------------------------------------------
 
 def _texts_of_run(client, run_id: str, dst: Path) -> str:
