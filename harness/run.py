@@ -8,7 +8,9 @@ import logging
 import os
 import platform
 import random
+import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -370,7 +372,10 @@ def _log_guard(tracker: Tracker, guard: ModeGuard, report: dict) -> int:
 
 
 def _copy(src: Path, dst: Path) -> Path:
-    dst.write_bytes(src.read_bytes())
+    """Copy atomically (a kill mid-copy leaves the previous ``dst`` whole)."""
+    tmp = dst.with_suffix(dst.suffix + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
     return dst
 
 
@@ -383,7 +388,10 @@ def _restore(run_id: str, spec: Spec, parts: Parts) -> tuple[int, float | None, 
     bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/last.pt")
+        with tempfile.TemporaryDirectory(prefix="harness-resume-") as tmp:  # removed once loaded
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints/last.pt",
+                                                        dst_path=tmp)
+            state = ckpt.load_checkpoint(local, map_location=parts.device)
     except MlflowException as e:
         raise UserError(f"--resume {run_id}: no checkpoint found in that run "
                         f"({str(e).splitlines()[0][:100]})") from None
@@ -392,7 +400,6 @@ def _restore(run_id: str, spec: Spec, parts: Parts) -> tuple[int, float | None, 
             os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
         else:
             os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
-    state = ckpt.load_checkpoint(local, map_location=parts.device)
     if state["spec_hash"] != spec.hash():
         raise UserError(f"--resume {run_id}: the checkpoint was made by a different spec "
                         f"(hash {state['spec_hash']} != {spec.hash()}); pass the same spec and overrides")

@@ -96,8 +96,11 @@ def test_killed_run_resumes_to_the_same_numbers(fast_store, tmp_path):
     ckpt.write_bytes(good)
 
     # The resume proper, then an uninterrupted run of the same spec for reference.
-    r = run_cli("harness.train", *ARGS, "--resume", run_id, "--quiet", cwd=tmp_path)
+    scratch = tmp_path / "tmpdir"  # the resume's own temporary files, all removed when it ends
+    scratch.mkdir()
+    r = run_cli("harness.train", *ARGS, "--resume", run_id, "--quiet", cwd=tmp_path, env={"TMPDIR": str(scratch)})
     assert r.returncode == 0, r.stderr
+    assert not list(scratch.iterdir()), list(scratch.iterdir())
     r = run_cli("harness.train", *ARGS, "--quiet", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     resumed = client.get_run(run_id)
