@@ -17,6 +17,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from harness.stores import HEARTBEAT_INTERVAL_S, optuna_storage_kind
 
@@ -99,6 +100,70 @@ def _can_create_tables(conn, url: str) -> bool | None:
 
     return bool(conn.execute(sqlalchemy.text(
         "SELECT has_schema_privilege(current_user, 'public', 'CREATE')")).scalar())
+
+
+# -- a tool's database (Optuna's RDB storage, MLflow's SQL store) ------------------------------------
+
+@dataclass(frozen=True)
+class Schema:
+    """What the database check of Optuna and of MLflow differs in."""
+    tool: str                   # "Optuna" / "MLflow"
+    tables: frozenset[str]      # tables that show the tool's schema is there
+    other_tool: str             # the tool that must not share the database
+    other_tables: frozenset[str]
+    creator: str                # what creates the database and the tables: "sweep" / "run"
+    cannot_create: str          # the problem when there are no tables and this user may not create them
+    upgrade: str                # the command that upgrades an old schema
+    versions: Callable          # engine -> (head revision, current revision)
+
+
+def _alembic_revision(engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def _check_database(url: str, name: str, schema: Schema, local: bool,
+                    ready: Callable[[], Report]) -> Report:
+    """Reachable, not shared with the other tool, schema absent (and creatable) or at this version's
+    head; ``ready()`` adds the checks of a ready schema."""
+    import sqlalchemy
+
+    r = Report()
+    if local:
+        path = sqlite_path(url)
+        if path is not None and not path.exists():
+            if not path.parent.exists():
+                r.problems.append(f"{name}: directory {path.parent} does not exist")
+            else:
+                r.ok.append(f"{name}: not created yet (the first {schema.creator} creates it)")
+            return r
+    try:
+        engine = _engine(url)
+        with engine.connect() as conn:
+            tables = set(sqlalchemy.inspect(conn).get_table_names())
+            creatable = _can_create_tables(conn, url)
+    except Exception as e:
+        r.problems.append(f"{name}: not reachable ({_first_line(e)})")
+        return r
+    if tables & schema.other_tables:
+        r.problems.append(f"{name}: this database also holds {schema.other_tool}'s tables; Optuna and "
+                          f"MLflow both keep an alembic_version table: give each its own database")
+        return r
+    if not tables & schema.tables:
+        if creatable is False:
+            r.problems.append(f"{name}: {schema.cannot_create}")
+        else:
+            r.ok.append(f"{name}: reachable, empty (the first {schema.creator} creates "
+                        f"{schema.tool}'s tables)")
+        return r
+    head, current = schema.versions(engine)
+    if current != head:
+        r.problems.append(f"{name}: schema version {current} is not this {schema.tool}'s ({head}); back "
+                          f"it up and run `{schema.upgrade}`")
+        return r
+    return r.extend(ready())
 
 
 # -- Optuna ------------------------------------------------------------------------------------------
@@ -196,56 +261,24 @@ def _ago(delta: dt.timedelta) -> str:
 
 def _check_rdb(url: str, name: str, study: str | None, grace_period: int, stale_after: int,
                local: bool) -> Report:
-    import sqlalchemy
-
-    r = Report()
-    if local:
-        path = sqlite_path(url)
-        if path is not None and not path.exists():
-            parent = path.parent
-            if not parent.exists():
-                r.problems.append(f"{name}: directory {parent} does not exist")
-            else:
-                r.ok.append(f"{name}: not created yet (the first sweep creates it)")
-            return r
-    try:
-        engine = _engine(url)
-        with engine.connect() as conn:
-            tables = set(sqlalchemy.inspect(conn).get_table_names())
-            creatable = _can_create_tables(conn, url)
-    except Exception as e:
-        r.problems.append(f"{name}: not reachable ({_first_line(e)})")
-        return r
-    if tables & MLFLOW_TABLES:
-        r.problems.append(f"{name}: this database also holds MLflow's tables; Optuna and MLflow both "
-                          f"keep an alembic_version table: give each its own database")
-        return r
-    if not tables & OPTUNA_TABLES:
-        if creatable is False:
-            r.problems.append(f"{name}: reachable, no Optuna tables yet, and this user may not create "
-                              f"tables in schema public (GRANT CREATE ON SCHEMA public, or make the user "
-                              f"the database owner)")
-        else:
-            r.ok.append(f"{name}: reachable, empty (the first sweep creates Optuna's tables)")
-        return r
-    head, current = _optuna_schema(engine)
-    if current != head:
-        r.problems.append(f"{name}: schema version {current} is not this Optuna's ({head}); back it up "
-                          f"and run `optuna storage upgrade --storage <URL>`")
-        return r
-    r.extend(_stale_rdb(url, name, study, grace_period, stale_after))
-    return r
+    return _check_database(url, name, OPTUNA_SCHEMA, local,
+                           ready=lambda: _stale_rdb(url, name, study, grace_period, stale_after))
 
 
 def _optuna_schema(engine) -> tuple[str, str | None]:
     import optuna.storages._rdb as rdb
-    from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
     head = ScriptDirectory(os.path.join(os.path.dirname(rdb.__file__), "alembic")).get_current_head()
-    with engine.connect() as conn:
-        current = MigrationContext.configure(conn).get_current_revision()
-    return head, current
+    return head, _alembic_revision(engine)
+
+
+OPTUNA_SCHEMA = Schema(
+    tool="Optuna", tables=frozenset(OPTUNA_TABLES),
+    other_tool="MLflow", other_tables=frozenset(MLFLOW_TABLES), creator="sweep",
+    cannot_create="reachable, no Optuna tables yet, and this user may not create tables in schema public "
+                  "(GRANT CREATE ON SCHEMA public, or make the user the database owner)",
+    upgrade="optuna storage upgrade --storage <URL>", versions=_optuna_schema)
 
 
 def _stale_rdb(url: str, name: str, study: str | None, grace_period: int, stale_after: int) -> Report:
@@ -323,47 +356,22 @@ def check_mlflow(uri: str | None = None) -> Report:
     if uri.startswith("databricks"):
         r.ok.append(f"{name}: not checked (Databricks)")
         return r
-    if uri.startswith("sqlite"):
-        path = sqlite_path(uri)
-        if path is not None and not path.exists():
-            if not path.parent.exists():
-                r.problems.append(f"{name}: directory {path.parent} does not exist")
-            else:
-                r.ok.append(f"{name}: not created yet (the first run creates it)")
-            return r
-    import sqlalchemy
+    return _check_database(uri, name, MLFLOW_SCHEMA, local=uri.startswith("sqlite"),
+                           ready=lambda: Report(ok=[f"{name}: reachable, schema ready"]))
 
-    try:
-        engine = _engine(uri)
-        with engine.connect() as conn:
-            tables = set(sqlalchemy.inspect(conn).get_table_names())
-            creatable = _can_create_tables(conn, uri)
-    except Exception as e:
-        r.problems.append(f"{name}: not reachable ({_first_line(e)})")
-        return r
-    if tables & OPTUNA_TABLES:
-        r.problems.append(f"{name}: this database also holds Optuna's tables; Optuna and MLflow both "
-                          f"keep an alembic_version table: give each its own database")
-        return r
-    if not tables & MLFLOW_TABLES:
-        if creatable is False:
-            r.problems.append(f"{name}: no MLflow tables yet, and this user may not create tables in "
-                              f"schema public")
-        else:
-            r.ok.append(f"{name}: reachable, empty (the first run creates MLflow's tables)")
-        return r
-    from alembic.runtime.migration import MigrationContext
+
+def _mlflow_schema(engine) -> tuple[str, str | None]:
     from mlflow.store.db.utils import _get_latest_schema_revision
 
-    with engine.connect() as conn:
-        current = MigrationContext.configure(conn).get_current_revision()
-    head = _get_latest_schema_revision()
-    if current != head:
-        r.problems.append(f"{name}: schema version {current} is not this MLflow's ({head}); back it up "
-                          f"and run `mlflow db upgrade <URI>`")
-    else:
-        r.ok.append(f"{name}: reachable, schema ready")
-    return r
+    current = _alembic_revision(engine)
+    return _get_latest_schema_revision(), current
+
+
+MLFLOW_SCHEMA = Schema(
+    tool="MLflow", tables=frozenset(MLFLOW_TABLES),
+    other_tool="Optuna", other_tables=frozenset(OPTUNA_TABLES), creator="run",
+    cannot_create="no MLflow tables yet, and this user may not create tables in schema public",
+    upgrade="mlflow db upgrade <URI>", versions=_mlflow_schema)
 
 
 def _check_mlflow_server(uri: str, name: str) -> Report:
