@@ -425,6 +425,22 @@ def test_help_is_fast_and_imports_nothing_heavy(tmp_path):
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--n-trials", "0"], "--n-trials: must be positive, got 0"),
+    (["--workers", "1.5"], "--workers: expected a whole number, got '1.5'"),
+    (["--timeout", "soon"], "--timeout: expected seconds, got 'soon'"),
+    (["--heartbeat", "-3"], "--heartbeat: must be positive, got -3"),
+])
+def test_bad_option_values_are_one_line_and_exit_2(capsys, args, words):
+    from harness.sweep import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert words in err[-1], err
+
+
 def test_options_and_overrides_mix_in_any_order():
     from harness.sweep import parse_args
 
