@@ -12,7 +12,9 @@ weights, data order and validation split, and the per-seed difference is the uni
 
 Every run is a child of one ``ablation:<name>`` parent run. The statistics (``analysis.stats``), a
 printed table, ``report.md``, CSVs and plots go to ``--out`` (default ``reports/<experiment>/``) and are
-logged as artifacts of the parent run. The ablation spec (YAML)::
+logged as artifacts of the parent run. This module reads the spec, plans and runs the arms and collects
+the runs; the checkpoint scoring is in ``analysis.scoring``, the per-arm table and the report in
+``analysis.report``. The ablation spec (YAML)::
 
     name: digits-mode-bugs          # also the MLflow experiment, unless `experiment:` is given
     base: ../digits_lenet_modes.yaml   # an experiment spec, relative to this file
@@ -39,7 +41,6 @@ import math
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,12 +50,12 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from analysis import stats
+from analysis.report import METRICS, analyse, display_table, finite, write_report
+from analysis.scoring import child_tags, score_arm
 from harness.spec import Spec, SpecError, UserError, load_spec
 
 log = logging.getLogger("analysis.ablation")
 
-METRICS = ("val/acc", "test/acc", "val/loss", "test/loss")
 # Spec keys that change only how a trained model is evaluated: arms that differ from their control
 # only here (and whose mode policy changes only evaluation) can be scored on the control's checkpoints.
 EVAL_KEYS = frozenset({"mode_bug", "data.val_batch_size", "train.mc_samples", "guard"})
@@ -361,18 +362,12 @@ def _reuse(done: dict, arm: str, seed: int, spec: Spec) -> bool:
     return True
 
 
-def _child_tags(ab: Ablation, arm: Arm, seed: int) -> dict[str, str]:
-    return {"ablation": ab.spec.name, "ablation.arm": arm.name, "ablation.seed": str(seed),
-            "ablation.scored": arm.scored, "ablation.control": arm.control or "",
-            "ablation.task": f"{arm.name}/{seed}"}
-
-
 def _run_training(tasks, parent: str, ab: Ablation, exp_id: str, workers: int, echo) -> list[str]:
     failures: list[str] = []
     if not tasks:
         return failures
     total = len(tasks)
-    payloads = [(spec.model_dump(mode="json"), f"{arm.name}-s{seed}", parent, _child_tags(ab, arm, seed))
+    payloads = [(spec.model_dump(mode="json"), f"{arm.name}-s{seed}", parent, child_tags(ab, arm, seed))
                 for arm, seed, spec in tasks]
     labels = [(arm.name, seed) for arm, seed, _ in tasks]
 
@@ -473,7 +468,7 @@ def _delete_unfinished(exp_id: str, parent: str, task: str) -> None:
         log.debug("could not delete the half-made run of %s: %s", task, e)
 
 
-# -- scoring evaluation-only arms on the control's checkpoints ------------------------------------
+# -- scoring evaluation-only arms on the control's checkpoints (analysis.scoring) ------------------
 
 def _run_scoring(ab: Ablation, parent: str, exp_id: str, done: dict, echo) -> list[str]:
     failures = []
@@ -505,99 +500,7 @@ def _run_scoring(ab: Ablation, parent: str, exp_id: str, done: dict, echo) -> li
     return failures
 
 
-def score_on_checkpoint(arm_spec: Spec, control_spec: Spec, checkpoint: str | Path, *,
-                        repeats: int = 5) -> dict:
-    """Evaluate one trained model (``checkpoint``) the control's way and the arm's way, on val and
-    test, with a mode guard watching each. Returns per side and split the metrics, the per-example
-    correctness, the best-of-``repeats`` evaluation time, and the arm's guard verdict and ledger.
-
-    The weights are reloaded before every pass (an evaluation in training mode changes BatchNorm
-    statistics), and every pass starts from the same seed, so MC dropout and the like are repeatable."""
-    import torch
-
-    from harness.checkpoint import load_checkpoint
-    from harness.guard import ModeGuard
-    from harness.loop import evaluate
-    from harness.run import build
-
-    state = load_checkpoint(checkpoint)
-    sides = {"control": control_spec, "arm": arm_spec}
-    parts = {side: build(spec) for side, spec in sides.items()}
-    guards = {side: ModeGuard(p.model, frozen=p.policy.frozen,
-                              allow_stochastic_eval=p.policy.allows_stochastic_eval)
-              for side, p in parts.items()}
-    out: dict[str, dict[str, Any]] = {side: {} for side in sides}
-    for split in ("val", "test"):
-        times: dict[str, list[float]] = {side: [] for side in sides}
-        for rep in range(repeats):
-            for side, p in parts.items():  # interleaved, so a busy neighbour slows both alike
-                p.model.load_state_dict(state["model"])
-                torch.manual_seed(sides[side].seed)
-                first = rep == 0  # watched and kept; the timing is the best of the repeats
-                r = evaluate(p.model, getattr(p.data, split), p.device, policy=p.policy,
-                             guard=guards[side] if first else None, prefix=split, keep_predictions=first)
-                times[side].append(r[f"{split}/seconds"])
-                if first:
-                    out[side][f"{split}_correct"] = (r.pop("predictions") == r.pop("targets")).numpy()
-                    out[side][split] = r
-        for side in sides:
-            out[side][split][f"{split}/seconds"] = min(times[side])
-    for side, guard in guards.items():
-        report = guard.end_epoch(state["epoch"])
-        guard.close()
-        out[side].update(guard=guard.summary(), guard_count=report["count"], ledger=guard.ledger)
-    return out
-
-
-def score_arm(ab: Ablation, arm: Arm, seed: int, control_run_id: str, parent: str, exp_id: str) -> dict:
-    """Score ``arm`` on the control run's last checkpoint and log it as a child run; its metrics."""
-    import mlflow
-
-    from harness.run import git_commit, mlflow_run
-    from harness.tracking import MlflowTracker
-
-    spec, cspec = ab.arm_spec(arm.name, seed), ab.arm_spec(arm.control, seed)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    with tempfile.TemporaryDirectory(prefix="ablation-") as tmp:
-        path = mlflow.artifacts.download_artifacts(run_id=control_run_id,
-                                                   artifact_path="checkpoints/last.pt", dst_path=tmp)
-        s = score_on_checkpoint(spec, cspec, path)
-    c, a = s["control"], s["arm"]
-    epoch = spec.train.epochs
-    metrics: dict[str, float] = {}
-    for split in ("val", "test"):
-        metrics.update({k: v for k, v in a[split].items()})
-        metrics[f"cost/control_{split}_seconds"] = c[split][f"{split}/seconds"]
-        mc = stats.mcnemar(c[f"{split}_correct"], a[f"{split}_correct"])
-        metrics.update({f"mcnemar/{split}_b": mc.b, f"mcnemar/{split}_c": mc.c, f"mcnemar/{split}_p": mc.p_value})
-        metrics[f"control/{split}_acc_rescored"] = c[split][f"{split}/acc"]
-    metrics["mode_guard/findings"] = a["guard_count"]
-    tags = {**_child_tags(ab, arm, seed), "ablation.scored_on": control_run_id,
-            "checkpoint": f"runs:/{control_run_id}/checkpoints/last.pt", "spec_hash": spec.hash(),
-            "mode_bug": spec.mode_bug, "git_commit": git_commit(), "torch_version": _torch_version()}
-    tags.update({f"mode_guard.{k}": ",".join(v) for k, v in a["guard"].items()})
-    with mlflow_run(experiment_id=exp_id, run_name=f"{arm.name}-s{seed}", parent_run_id=parent,
-                    tags=tags) as run_id:
-        t = MlflowTracker(run_id)
-        t.log_params(spec.params())
-        t.log_metrics(metrics, step=epoch)
-        t.flush()
-        t.log_dict({str(k): v for k, v in a["ledger"].items()}, "mode_guard/ledger.json")
-        t.log_dict({split: {"control_correct": c[f"{split}_correct"].astype(int).tolist(),
-                            "arm_correct": a[f"{split}_correct"].astype(int).tolist()}
-                    for split in ("val", "test")}, "predictions.json")
-    if c["guard"]:
-        log.warning("the control's own evaluation was flagged by the mode guard: %s", c["guard"])
-    return metrics
-
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__
-
-
-# -- collecting and analysing ---------------------------------------------------------------------
+# -- collecting the runs; the report goes to the parent run (analysis.report) ----------------------
 
 def collect(exp_id: str, parent: str, ab: Ablation) -> pd.DataFrame:
     """One row per arm x seed from MLflow (so a resumed or re-reported study reads the same numbers):
@@ -645,268 +548,18 @@ def _history(client, run_id: str, key: str) -> tuple[list[int], list[float]]:
     return [m.step for m in h], [m.value for m in h]
 
 
-def analyse(ab: Ablation, runs: pd.DataFrame) -> pd.DataFrame:
-    """Per arm: mean ± std of every metric, the paired difference from its control (bootstrap CI,
-    paired t and Wilcoxon p, d_z), McNemar over examples (checkpoint arms), guard verdict, costs."""
-    from harness.modes import get_policy
-
-    rows = []
-    for arm in ab.arms.values():
-        mine = runs[runs["arm"] == arm.name].set_index("seed")
-        row: dict[str, Any] = {"arm": arm.name, "scored": arm.scored, "control": arm.control or "",
-                               "mode_bug": arm.spec.mode_bug, "note": arm.note,
-                               "n": int((mine["status"] == "ok").sum()),
-                               "diverged": int((mine["status"] == "diverged").sum()),
-                               "missing": int((mine["status"] == "missing").sum())}
-        for k in METRICS:
-            s = stats.summarize(mine[k] if k in mine else [])
-            row[f"{k} mean"], row[f"{k} std"] = s.mean, s.std
-        if arm.control is not None:
-            ctrl = runs[runs["arm"] == arm.control].set_index("seed")
-            seeds = [s for s in ab.seeds if s in mine.index and s in ctrl.index]
-            for k in METRICS:
-                if k not in mine or k not in ctrl:
-                    continue
-                p = stats.paired_difference(mine.loc[seeds, k].to_numpy(float), ctrl.loc[seeds, k].to_numpy(float))
-                row.update({f"{k} diff": p.mean_diff, f"{k} ci_low": p.ci_low, f"{k} ci_high": p.ci_high,
-                            f"{k} p": p.p_value, f"{k} p_wilcoxon": p.p_wilcoxon, f"{k} d_z": p.d_z,
-                            f"{k} pairs": p.n})
-            row.update(_costs(arm, mine, ctrl))
-            if arm.scored == "checkpoint":
-                row.update(_mcnemar_summary(mine))
-        # the verdict
-        flagged = mine["guard"].fillna("").astype(str) if "guard" in mine else pd.Series(dtype=str)
-        finished = mine[mine["status"] != "missing"]
-        kinds = sorted({k for g in flagged for k in g.split(";") if k})
-        n_flagged = int((flagged != "").sum())
-        row["guard kinds"] = ",".join(kinds)
-        row["guard flagged"] = n_flagged
-        row["guard runs"] = len(finished)
-        expected_flag = get_policy(arm.spec.mode_bug).name not in ("none", "mc_dropout")
-        row["guard as expected"] = (n_flagged == len(finished)) if expected_flag else (n_flagged == 0)
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _costs(arm: Arm, mine: pd.DataFrame, ctrl: pd.DataFrame) -> dict:
-    out: dict[str, float] = {}
-    if arm.scored == "checkpoint":
-        a = mine.get("val/seconds", pd.Series(dtype=float)) + mine.get("test/seconds", pd.Series(dtype=float))
-        c = mine.get("cost/control_val_seconds", pd.Series(dtype=float)) + mine.get(
-            "cost/control_test_seconds", pd.Series(dtype=float))
-        out["eval time ratio"] = stats.ratio_of_medians(a.to_numpy(float), c.to_numpy(float))
-        out["train time ratio"] = math.nan
-        out["autograd MB"] = float(pd.concat([mine.get("val/autograd_mb", pd.Series(dtype=float)),
-                                              mine.get("test/autograd_mb", pd.Series(dtype=float))]).max())
-        return out
-
-    def col(df, k):
-        return df[k].to_numpy(float) if k in df else []
-
-    out["train time ratio"] = stats.ratio_of_medians(col(mine, "min:time/train_epoch_s"),
-                                                     col(ctrl, "min:time/train_epoch_s"))
-    out["eval time ratio"] = stats.ratio_of_medians(col(mine, "min:val/seconds"), col(ctrl, "min:val/seconds"))
-    vals = col(mine, "max:val/autograd_mb")
-    out["autograd MB"] = float(pd.Series(vals, dtype=float).max()) if len(vals) else math.nan
-    if "max:val/peak_mem_mb" in mine and "max:val/peak_mem_mb" in ctrl:
-        out["eval peak MB extra"] = float(mine["max:val/peak_mem_mb"].median() - ctrl["max:val/peak_mem_mb"].median())
-    return out
-
-
-def _mcnemar_summary(mine: pd.DataFrame) -> dict:
-    out = {}
-    for split in ("val", "test"):
-        b, c, p = (mine.get(f"mcnemar/{split}_{x}") for x in ("b", "c", "p"))
-        if b is None:
-            continue
-        ok = p.notna()
-        out[f"mcnemar {split} b"] = int(b[ok].sum())
-        out[f"mcnemar {split} c"] = int(c[ok].sum())
-        out[f"mcnemar {split} median p"] = float(p[ok].median()) if ok.any() else math.nan
-        out[f"mcnemar {split} significant"] = int((p[ok] < 0.05).sum())
-        out[f"mcnemar {split} seeds"] = int(ok.sum())
-    return out
-
-
-# -- reporting -------------------------------------------------------------------------------------
-
-def _verdict(row) -> str:
-    if row["guard runs"] == 0:
-        return "n/a"
-    kinds = row["guard kinds"]
-    text = f"flagged {row['guard flagged']}/{row['guard runs']}: {kinds}" if kinds else \
-        f"clean {row['guard runs']}/{row['guard runs']}"
-    return text if row["guard as expected"] else f"{text} (UNEXPECTED)"
-
-
-def _cost(row) -> str:
-    parts = []
-    if row["scored"] == "checkpoint":
-        parts.append("no training")
-    elif _finite(row.get("train time ratio")):
-        parts.append(f"train epoch ×{row['train time ratio']:.2f}")
-    if _finite(row.get("eval time ratio")):
-        parts.append(f"eval ×{row['eval time ratio']:.2f}")
-    if _finite(row.get("autograd MB")) and row["autograd MB"] > 0:
-        parts.append(f"+{row['autograd MB']:.2f} MB autograd graph in eval")
-    if _finite(row.get("eval peak MB extra")) and row["eval peak MB extra"] > 0:
-        parts.append(f"+{row['eval peak MB extra']:.1f} MB CUDA peak")
-    return ", ".join(parts)
-
-
-def _mcnemar_text(row, split: str) -> str:
-    if row["scored"] != "checkpoint" or not _finite(row.get(f"mcnemar {split} b")):
-        return "—"
-    return (f"b={int(row[f'mcnemar {split} b'])} c={int(row[f'mcnemar {split} c'])}; p<0.05 in "
-            f"{int(row[f'mcnemar {split} significant'])}/{int(row[f'mcnemar {split} seeds'])} seeds "
-            f"(median p {stats.fmt_p(row[f'mcnemar {split} median p'])})")
-
-
-def display_table(ab: Ablation, table: pd.DataFrame) -> pd.DataFrame:
-    """The headline table, as text cells."""
-    m = ab.spec.metric
-    split = m.split("/")[0]
-    rows = []
-    for _, r in table.iterrows():
-        paired = _paired_from_row(r, m)
-        n = f"{r['n']}" + (f" (+{r['diverged']} diverged)" if r["diverged"] else "") + (
-            f" ({r['missing']} missing)" if r["missing"] else "")
-        rows.append({
-            "arm": r["arm"] + (" (control)" if not r["control"] else ""),
-            "scored": "checkpoint" if r["scored"] == "checkpoint" else "trained",
-            "vs": r["control"] or "—",
-            "n": n,
-            "val/acc": stats.fmt_mean_std(r["val/acc mean"], r["val/acc std"]),
-            "test/acc": stats.fmt_mean_std(r["test/acc mean"], r["test/acc std"]),
-            f"Δ {m} [95% CI]": stats.fmt_diff(paired) if paired else "—",
-            "p (paired t)": stats.fmt_p(paired.p_value) if paired else "—",
-            "d_z": stats.fmt_num(paired.d_z, 2) if paired else "—",
-            f"McNemar ({split})": _mcnemar_text(r, split),
-            "mode guard": _verdict(r),
-            "cost": _cost(r) if r["control"] else "",
-        })
-    return pd.DataFrame(rows)
-
-
-def loss_table(table: pd.DataFrame) -> pd.DataFrame:
-    rows = []
-    for _, r in table.iterrows():
-        row = {"arm": r["arm"]}
-        for k in METRICS:
-            row[k] = stats.fmt_mean_std(r[f"{k} mean"], r[f"{k} std"])
-        for k in METRICS:
-            p = _paired_from_row(r, k)
-            row[f"Δ {k}"] = (stats.fmt_diff(p) + f" p={stats.fmt_p(p.p_value)}") if p else "—"
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _paired_from_row(r, k: str) -> stats.Paired | None:
-    if not r.get("control") or f"{k} diff" not in r or pd.isna(r.get(f"{k} pairs")):
-        return None
-    return stats.Paired(int(r[f"{k} pairs"]), r[f"{k} diff"], r[f"{k} ci_low"], r[f"{k} ci_high"],
-                        r[f"{k} p"], r[f"{k} p_wilcoxon"], r[f"{k} d_z"])
-
-
-def write_report(ab: Ablation, table: pd.DataFrame, runs: pd.DataFrame, out: Path, *, parent_run_id: str,
-                 wall_seconds: float, failures: Sequence[str] = ()) -> dict[str, Path]:
-    from analysis.compare import to_markdown
-    from analysis.plots import plot_curves, plot_effects
-    from harness.stores import mask_url, tracking_uri
-
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"report": out / "report.md", "arms": out / "arms.csv", "runs": out / "runs.csv",
-             "effects": out / "effects.png", "curves": out / "curves.png"}
-    table.to_csv(files["arms"], index=False)
-    runs.drop(columns=["history"], errors="ignore").to_csv(files["runs"], index=False)
-
-    effect_rows = []
-    for _, r in table.iterrows():
-        if not r["control"]:
-            continue
-        row = {"arm": f"{r['arm']} (vs {r['control']})", "style": "train" if r["scored"] == "train" else "checkpoint"}
-        for k in ("val/acc", "test/acc"):
-            row[k] = (r.get(f"{k} diff", math.nan), r.get(f"{k} ci_low", math.nan), r.get(f"{k} ci_high", math.nan))
-        effect_rows.append(row)
-    title = f"ablation {ab.spec.name}: {len(ab.seeds)} paired seeds"
-    if effect_rows:
-        plot_effects(effect_rows, files["effects"], metrics=["val/acc", "test/acc"], title=title)
-    else:
-        files.pop("effects")
-    panels = []
-    for key in ("val/acc", "train/loss"):
-        groups = {}
-        for arm in ab.arms.values():
-            if arm.scored != "train":
-                continue
-            mine = runs[(runs["arm"] == arm.name) & runs["history"].notna()] if "history" in runs else runs.iloc[0:0]
-            groups[arm.name] = [h[key] for h in mine["history"] if h and h.get(key)]
-        panels.append((key, groups))
-    plot_curves(panels, files["curves"], title=f"{title}: trained arms, mean ± std over seeds",
-                log_metrics=("train/loss",))
-
-    shown = display_table(ab, table)
-    b = ab.base
-    lines = [
-        f"# Ablation `{ab.spec.name}`",
-        "",
-        f"- base spec: `{ab.spec.base}` ({b.data.dataset}, {b.model.arch}, dropout {b.model.dropout}, "
-        f"batchnorm {b.model.batchnorm}, noise_std {b.model.noise_std}, {b.optimizer.name} lr {b.optimizer.lr}, "
-        f"{b.train.epochs} epochs)",
-        f"- seeds: {len(ab.seeds)} paired seeds ({ab.seeds[0]}..{ab.seeds[-1]}); every arm shares seed, "
-        f"initial weights, data order and validation split with its control",
-        f"- MLflow: experiment `{ab.experiment}`, parent run `{parent_run_id}` (`ablation:{ab.spec.name}`), "
-        f"store `{mask_url(tracking_uri())}`",
-        f"- wall time: {wall_seconds:.0f} s",
-        "",
-        f"## Effects on {ab.spec.metric}",
-        "",
-        "Δ is arm minus control, per seed, averaged; the 95% CI is a bootstrap (BCa) over seeds; p is the "
-        "paired t-test (the Wilcoxon signed-rank p is in `arms.csv`); d_z is the mean difference over the "
-        "standard deviation of the differences. Arms *scored on checkpoints* change only evaluation: "
-        "they are evaluated on the control's own final checkpoint (no retraining), and McNemar's exact "
-        "test compares the two evaluations example by example (b: examples only the control gets "
-        "right, c: only the arm; counts summed over seeds, p per seed). The mode guard column is its "
-        "verdict on that arm's runs. The cost column is the ratio to the control of the median over seeds "
-        "of each run's best epoch time (trained arms) or of the best of 5 interleaved evaluations "
-        "(checkpoint arms); the autograd graph is the memory a missing `torch.no_grad()` holds per "
-        "validation batch (on CUDA, the extra peak memory).",
-        "",
-        to_markdown(shown),
-        "## All metrics (mean ± std; Δ vs control with 95% CI and paired-t p)",
-        "",
-        to_markdown(loss_table(table)),
-    ]
-    if "effects" in files:
-        lines += ["## Figures", "", "![effects](effects.png)", "", "![curves](curves.png)", ""]
-    notes = [f"- **{r['arm']}**: {r['note']}" for _, r in table.iterrows() if r["note"]]
-    if notes:
-        lines += ["## Arms", "", *notes, ""]
-    if failures:
-        lines += ["## Failures", "", *[f"- {f}" for f in failures], ""]
-    files["report"].write_text("\n".join(lines) + "\n")
-    return files
-
-
 def _log_parent_end(parent: str, ab: Ablation, table: pd.DataFrame, files: dict, wall: float) -> None:
     from harness.tracking import MlflowTracker
 
     t = MlflowTracker(parent)
     metrics = {"ablation/wall_seconds": wall}
     for _, r in table.iterrows():
-        if r["control"] and _finite(r.get(f"{ab.spec.metric} diff")):
+        if r["control"] and finite(r.get(f"{ab.spec.metric} diff")):
             metrics[f"effect/{r['arm']}/{ab.spec.metric.replace('/', '_')}"] = r[f"{ab.spec.metric} diff"]
     t.log_metrics(metrics, step=0)
     t.flush()
     for path in files.values():
         t.log_artifact(path, "ablation")
-
-
-def _finite(x) -> bool:
-    try:
-        return x is not None and math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
 
 
 def _safe(name: str) -> str:

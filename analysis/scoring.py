@@ -1,0 +1,123 @@
+"""Scoring an evaluation-only arm of an ablation on its control's checkpoints (``analysis.ablation``).
+
+An arm that changes only evaluation (``no_eval``, ``mc_dropout``, ``no_grad_missing``, validation batch
+size, MC samples) needs no training of its own: the control run's last checkpoint
+(``checkpoints/last.pt``) is evaluated the control's way and the arm's way, and the two evaluations are
+compared example by example (McNemar). Each scoring is logged as a child run of the ablation, with tag
+``ablation.scored_on`` naming the control run it used.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from analysis import stats
+from harness.spec import Spec
+
+if TYPE_CHECKING:
+    from analysis.ablation import Ablation, Arm
+
+# The scorings are part of the ablation's output: same logger name as its runs.
+log = logging.getLogger("analysis.ablation")
+
+
+def child_tags(ab: Ablation, arm: Arm, seed: int) -> dict[str, str]:
+    """The tags of every child run of an ablation, trained or scored on a checkpoint."""
+    return {"ablation": ab.spec.name, "ablation.arm": arm.name, "ablation.seed": str(seed),
+            "ablation.scored": arm.scored, "ablation.control": arm.control or "",
+            "ablation.task": f"{arm.name}/{seed}"}
+
+
+def score_on_checkpoint(arm_spec: Spec, control_spec: Spec, checkpoint: str | Path, *,
+                        repeats: int = 5) -> dict:
+    """Evaluate one trained model (``checkpoint``) the control's way and the arm's way, on val and
+    test, with a mode guard watching each. Returns per side and split the metrics, the per-example
+    correctness, the best-of-``repeats`` evaluation time, and the arm's guard verdict and ledger.
+
+    The weights are reloaded before every pass (an evaluation in training mode changes BatchNorm
+    statistics), and every pass starts from the same seed, so MC dropout and the like are repeatable."""
+    import torch
+
+    from harness.checkpoint import load_checkpoint
+    from harness.guard import ModeGuard
+    from harness.loop import evaluate
+    from harness.run import build
+
+    state = load_checkpoint(checkpoint)
+    sides = {"control": control_spec, "arm": arm_spec}
+    parts = {side: build(spec) for side, spec in sides.items()}
+    guards = {side: ModeGuard(p.model, frozen=p.policy.frozen,
+                              allow_stochastic_eval=p.policy.allows_stochastic_eval)
+              for side, p in parts.items()}
+    out: dict[str, dict[str, Any]] = {side: {} for side in sides}
+    for split in ("val", "test"):
+        times: dict[str, list[float]] = {side: [] for side in sides}
+        for rep in range(repeats):
+            for side, p in parts.items():  # interleaved, so a busy neighbour slows both alike
+                p.model.load_state_dict(state["model"])
+                torch.manual_seed(sides[side].seed)
+                first = rep == 0  # watched and kept; the timing is the best of the repeats
+                r = evaluate(p.model, getattr(p.data, split), p.device, policy=p.policy,
+                             guard=guards[side] if first else None, prefix=split, keep_predictions=first)
+                times[side].append(r[f"{split}/seconds"])
+                if first:
+                    out[side][f"{split}_correct"] = (r.pop("predictions") == r.pop("targets")).numpy()
+                    out[side][split] = r
+        for side in sides:
+            out[side][split][f"{split}/seconds"] = min(times[side])
+    for side, guard in guards.items():
+        report = guard.end_epoch(state["epoch"])
+        guard.close()
+        out[side].update(guard=guard.summary(), guard_count=report["count"], ledger=guard.ledger)
+    return out
+
+
+def score_arm(ab: Ablation, arm: Arm, seed: int, control_run_id: str, parent: str, exp_id: str) -> dict:
+    """Score ``arm`` on the control run's last checkpoint and log it as a child run; its metrics."""
+    import mlflow
+
+    from harness.run import git_commit, mlflow_run
+    from harness.tracking import MlflowTracker
+
+    spec, cspec = ab.arm_spec(arm.name, seed), ab.arm_spec(arm.control, seed)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with tempfile.TemporaryDirectory(prefix="ablation-") as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=control_run_id,
+                                                   artifact_path="checkpoints/last.pt", dst_path=tmp)
+        s = score_on_checkpoint(spec, cspec, path)
+    c, a = s["control"], s["arm"]
+    epoch = spec.train.epochs
+    metrics: dict[str, float] = {}
+    for split in ("val", "test"):
+        metrics.update({k: v for k, v in a[split].items()})
+        metrics[f"cost/control_{split}_seconds"] = c[split][f"{split}/seconds"]
+        mc = stats.mcnemar(c[f"{split}_correct"], a[f"{split}_correct"])
+        metrics.update({f"mcnemar/{split}_b": mc.b, f"mcnemar/{split}_c": mc.c, f"mcnemar/{split}_p": mc.p_value})
+        metrics[f"control/{split}_acc_rescored"] = c[split][f"{split}/acc"]
+    metrics["mode_guard/findings"] = a["guard_count"]
+    tags = {**child_tags(ab, arm, seed), "ablation.scored_on": control_run_id,
+            "checkpoint": f"runs:/{control_run_id}/checkpoints/last.pt", "spec_hash": spec.hash(),
+            "mode_bug": spec.mode_bug, "git_commit": git_commit(), "torch_version": _torch_version()}
+    tags.update({f"mode_guard.{k}": ",".join(v) for k, v in a["guard"].items()})
+    with mlflow_run(experiment_id=exp_id, run_name=f"{arm.name}-s{seed}", parent_run_id=parent,
+                    tags=tags) as run_id:
+        t = MlflowTracker(run_id)
+        t.log_params(spec.params())
+        t.log_metrics(metrics, step=epoch)
+        t.flush()
+        t.log_dict({str(k): v for k, v in a["ledger"].items()}, "mode_guard/ledger.json")
+        t.log_dict({split: {"control_correct": c[f"{split}_correct"].astype(int).tolist(),
+                            "arm_correct": a[f"{split}_correct"].astype(int).tolist()}
+                    for split in ("val", "test")}, "predictions.json")
+    if c["guard"]:
+        log.warning("the control's own evaluation was flagged by the mode guard: %s", c["guard"])
+    return metrics
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
