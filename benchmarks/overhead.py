@@ -125,10 +125,13 @@ def tensor_batches(x, y, bs: int, shuffle: bool):
 
 
 def same_model(harness_model):
-    """The same model (the harness's ``lenet``) with the harness run's initial weights, for arms (a), (c)."""
+    """The same model (the harness's ``lenet``) with the harness run's initial weights, for arms (a), (c),
+    in the default memory format as the tutorial has it (whatever ``train.channels_last`` says for (b))."""
     import copy
 
-    return copy.deepcopy(harness_model)
+    import torch
+
+    return copy.deepcopy(harness_model).to(memory_format=torch.contiguous_format)
 
 
 def main(argv: list[str] | None = None) -> int:

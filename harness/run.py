@@ -114,6 +114,8 @@ def build(spec: Spec, device: torch.device | None = None, data: Data | None = No
     data = data or load_data(spec.data, spec.seed, device)
     seed_everything(spec.seed, spec.train.deterministic)
     model = build_model(spec.model, data.input_shape, data.num_classes).to(device)
+    if spec.train.channels_last:  # 4-d weights (convolutions) only; the same numbers up to rounding
+        model = model.to(memory_format=torch.channels_last)
     for name in spec.model.freeze:
         try:
             model.get_submodule(name)

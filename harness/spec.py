@@ -80,6 +80,7 @@ class TrainSpec(_Section):
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     deterministic: bool = False
     threads: int | None = Field(None, ge=1)  # torch CPU threads; None = torch's default
+    channels_last: bool = False  # conv weights in NHWC memory format (faster convolutions on CPU)
     checkpoint: bool = True
     sanity_check: bool = True
     mc_samples: int = Field(10, ge=1)  # passes averaged by the mc_dropout policy

@@ -176,6 +176,23 @@ def test_same_spec_and_seed_give_identical_metrics(fast_store):
     assert running_a and running_a == running_b
 
 
+def test_channels_last_gives_the_same_run_up_to_rounding(fast_store):
+    """train.channels_last changes only how conv weights are laid out in memory: deterministic, and
+    the same curves as the default layout to float rounding."""
+    from harness.run import build, run
+
+    spec = load_spec(DIGITS, TINY + ["data.limit_train=500", "train.checkpoint=false", "guard=off"])
+    nhwc = spec.with_overrides({"train.channels_last": True})
+    conv = [p for p in build(nhwc).model.parameters() if p.dim() == 4]
+    assert conv and all(p.is_contiguous(memory_format=torch.channels_last) for p in conv)
+    assert any(not p.is_contiguous() for p in conv)  # (a 1-channel conv is both layouts at once)
+    a, b, c = run(spec, progress=False), run(nhwc, progress=False), run(nhwc, progress=False)
+    assert b.history["train/loss"] == c.history["train/loss"]  # deterministic in this layout too
+    for k in ("train/loss", "val/loss", "val/acc"):
+        assert b.history[k] == pytest.approx(a.history[k], rel=1e-4, abs=1e-4), k
+    assert all_runs(fast_store)[0].data.params["train.channels_last"] in ("True", "False")
+
+
 # -- divergence ----------------------------------------------------------------------------------------
 
 def test_divergence_fails_the_run_with_a_clear_message(fast_store, tmp_path):
