@@ -190,7 +190,8 @@ def _end_run(status: str) -> None:
 @contextlib.contextmanager
 def _tracking_server_gone_is_clear() -> Iterator[dict]:
     """A run whose tracking server stopped answering (after MLflow's own retries, ~4 min by default:
-    a server back within that window is not noticed) ends with one clear :class:`StoreError`."""
+    a server back within that window is not noticed) ends with one clear
+    :class:`stores.TrackingServerGone`."""
     seen: dict = {}
     try:
         yield seen
@@ -200,11 +201,11 @@ def _tracking_server_gone_is_clear() -> Iterator[dict]:
         if not stores.tracking_server_down():
             raise
         run_id = seen.get("run_id")
-        where = (f"during run {run_id}; what it logged before is kept there: once the server is back, "
-                 f"continue it with --resume {run_id} (a sweep: run the same command again)"
-                 if run_id else "before the run started")
-        raise stores.StoreError(f"the tracking server {stores.mask_url(stores.tracking_uri())} stopped "
-                                f"answering {where}") from e
+        if run_id is None:
+            raise stores.server_gone_error("before the run started") from e
+        raise stores.server_gone_error(
+            f"during run {run_id} (what it logged before is kept there)",
+            then=f"continue it with --resume {run_id} (a sweep: run the same command again)") from e
 
 
 # -- one run ---------------------------------------------------------------------------------------

@@ -70,9 +70,13 @@ def tracking_server_down() -> bool:
     return False
 
 
-def server_gone_error(doing: str) -> StoreError:
-    return StoreError(f"the tracking server {mask_url(tracking_uri())} stopped answering {doing}; "
-                      f"once it is back, run the same command again")
+class TrackingServerGone(StoreError):
+    """The tracking server stopped answering mid-command: MLflow can be told nothing more for now."""
+
+
+def server_gone_error(doing: str, then: str = "run the same command again") -> TrackingServerGone:
+    return TrackingServerGone(f"the tracking server {mask_url(tracking_uri())} stopped answering {doing}; "
+                              f"once it is back, {then}")
 
 
 def setup_mlflow() -> str:

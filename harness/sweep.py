@@ -142,7 +142,7 @@ def _sweep(args: argparse.Namespace) -> int:
         status = "KILLED"
         print("harness.sweep: run the same command again to resume the study", file=sys.stderr)
         raise
-    except stores.StoreError:
+    except stores.TrackingServerGone:
         status = None  # MLflow is gone: the parent run is marked again by the next start
         raise
     finally:

@@ -206,7 +206,7 @@ def cleanup_stale(ctx: Context) -> None:
 ORPHAN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED", TrialState.FAIL: "FAILED"}
 
 
-def end_orphan_runs(ctx: Context) -> int:
+def end_orphan_runs(ctx: Context) -> None:
     """Child runs left RUNNING although their trial is over: the tracking server went away before the
     worker could end them (Optuna was told; MLflow could not be). Ended as the trial's state says."""
     from mlflow import MlflowClient
@@ -216,19 +216,17 @@ def end_orphan_runs(ctx: Context) -> int:
         [ctx.experiment_id], max_results=1000,
         filter_string=f"tags.mlflow.parentRunId = '{ctx.parent_run_id}' and attributes.status = 'RUNNING'")
     trials = {t.number: t for t in ctx.study.get_trials(deepcopy=False)}
-    ended = 0
     for r in runs:
         number = r.data.tags.get("optuna.trial_number", "")
         t = trials.get(int(number)) if number.isdigit() else None
         if t is None or t.state not in ORPHAN_STATUS:
             continue  # still running somewhere (another machine's worker): not ours to end
         reason = t.user_attrs.get("failure_reason", "")
-        _end_run(r.info.run_id, ORPHAN_STATUS[t.state], {"optuna.state": t.state.name, "failure_reason": reason})
+        _end_run(r.info.run_id, ORPHAN_STATUS[t.state],
+                 {"optuna.state": t.state.name, "failure_reason": reason})
         log.warning("trial %d is %s but its MLflow run %s was left RUNNING (%s): ended %s", t.number,
                     t.state.name, r.info.run_id, reason or "its worker could not reach MLflow",
                     ORPHAN_STATUS[t.state])
-        ended += 1
-    return ended
 
 
 def find_trial_run(study_name: str, trial: FrozenTrial) -> str | None:
@@ -324,7 +322,7 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
 
     t0 = time.perf_counter()
     state, value, reason = TrialState.FAIL, None, ""
-    retry_params = mlflow_gone = False
+    retry_params = False
     interrupted: BaseException | None = None
     beat = _Heartbeat(ctx.study, trial)
     try:
@@ -341,11 +339,10 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
         state, reason = TrialState.PRUNED, str(e)
     except Diverged as e:
         state, reason = TrialState.PRUNED, f"diverged: {e}"
-    except stores.StoreError as e:
+    except stores.TrackingServerGone as e:
         # The tracking server is gone: tell Optuna (its own storage), queue the params again and stop
         # with one line; the next start ends this trial's MLflow run (end_orphan_runs).
-        reason, retry_params, mlflow_gone = f"StoreError: {e}", True, True
-        interrupted = e
+        reason, retry_params, interrupted = f"StoreError: {e}", True, e
     except UserError as e:
         reason = f"{type(e).__name__}: {e}"
         interrupted = e  # the same mistake would fail every trial: stop the sweep with one line
@@ -363,6 +360,7 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
     finally:
         beat.stop()
     seconds = time.perf_counter() - t0
+    mlflow_gone = isinstance(interrupted, stores.TrackingServerGone)
     run_id = seen["run_id"] or (None if mlflow_gone else _last_run_of(ctx, n))
     try:
         for key, v in {"mlflow_run_id": run_id or "", "epochs": seen["epochs"],

@@ -265,6 +265,27 @@ def test_retry_failed_queues_the_params_of_crashed_trials(fast_store):
     assert study.trials[3].params == crashed and study.trials[3].system_attrs["failed_trial"] == 1
 
 
+def test_optuna_database_lost_mid_trial_ends_the_sweep_with_its_parent_run_failed(fast_store, monkeypatch,
+                                                                                 capsys):
+    """A StoreError that is not about the tracking server (here dbretry giving up on the Optuna database
+    at the trial's first report): one line, exit 2, and MLflow, still there, has the parent run FAILED."""
+    from harness.stores import StoreError
+
+    def database_gone(self, value, step):
+        raise StoreError("the Optuna storage: the database has not answered for 60 s; run the same "
+                         "command again once it is back")
+
+    monkeypatch.setattr(optuna.trial.Trial, "report", database_gone)
+    with pytest.raises(SystemExit) as e:
+        sweep("--n-trials", "2")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("harness.sweep: error: the Optuna storage"), err
+    (parent,), children = children_and_parent(fast_store)
+    assert parent.info.status == "FAILED"
+    assert [c.info.status for c in children] == ["FAILED"]
+
+
 # -- pruning and divergence --------------------------------------------------------------------------------
 
 def test_pruned_trial_keeps_its_curve_and_state_tag(fast_store, monkeypatch):
