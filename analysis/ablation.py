@@ -52,6 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from analysis.report import METRICS, analyse, display_table, finite, write_report
 from analysis.scoring import child_tags, score_arm
+from harness.cli import positive_int
 from harness.spec import Spec, SpecError, UserError, load_spec
 
 log = logging.getLogger("analysis.ablation")
@@ -577,9 +578,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("spec", help="ablation spec (YAML), e.g. experiments/ablations/mode_bugs.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides of the base experiment spec, for every arm (e.g. train.epochs=5)")
-    p.add_argument("--seeds", type=int, help="use seeds 0..N-1 instead of the spec's")
+    p.add_argument("--seeds", type=positive_int, help="use seeds 0..N-1 instead of the spec's")
     p.add_argument("--arms", help="comma-separated subset of arms (their controls are added)")
-    p.add_argument("--workers", type=int, help="parallel training processes (default: the spec's, 1); "
+    p.add_argument("--workers", type=positive_int, help="parallel training processes (default: the spec's, 1); "
                                                "a local SQLite store is safest with 1")
     p.add_argument("--out", help="report folder (default reports/<experiment>/)")
     p.add_argument("--resume", metavar="PARENT_RUN_ID",
@@ -594,10 +595,6 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging()
     with user_errors("analysis.ablation"):
-        if args.workers is not None and args.workers < 1:
-            raise UserError("--workers must be >= 1")
-        if args.seeds is not None and args.seeds < 1:
-            raise UserError("--seeds must be >= 1")
         only = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
         ab = load_ablation(args.spec, args.overrides, seeds=args.seeds, only=only)
         if args.dry_run:

@@ -19,6 +19,24 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def positive(cast: type, what: str):
+    """An argparse type: ``cast(text)`` that must be > 0, else argparse's one-line usage error (exit 2)."""
+    import argparse
+
+    def parse(text: str):
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return v
+    return parse
+
+
+positive_int = positive(int, "a whole number")
+
+
 @contextlib.contextmanager
 def user_errors(prog: str) -> Iterator[None]:
     """Bad input -> ``prog: error: <one line>`` on stderr and exit status 2, no traceback."""

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from harness.cli import sigterm_as_interrupt
+from harness.cli import positive, positive_int, sigterm_as_interrupt
 
 DEFAULT_SPEC = "experiments/digits_lenet.yaml"
 # 30 trials x 20 epochs of LeNet on digits: ~1 s a trial on a laptop core, about a minute of training
@@ -37,12 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"experiment spec (YAML); default {DEFAULT_SPEC}")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="typed spec overrides applied to every trial, e.g. train.epochs=10")
-    p.add_argument("--n-trials", type=_positive_int, default=DEFAULT_N_TRIALS, metavar="N",
+    p.add_argument("--n-trials", type=positive_int, default=DEFAULT_N_TRIALS, metavar="N",
                    help=f"finished trials (COMPLETE + PRUNED) the study should have in total; a re-run "
                         f"only adds the missing ones (default {DEFAULT_N_TRIALS})")
-    p.add_argument("--timeout", type=_positive_float, metavar="S",
+    p.add_argument("--timeout", type=positive(float, "seconds"), metavar="S",
                    help="start no new trial after S seconds (running trials finish)")
-    p.add_argument("--workers", type=_positive_int, default=1, metavar="K",
+    p.add_argument("--workers", type=positive_int, default=1, metavar="K",
                    help="worker processes on this machine sharing the study, each with cores/K threads")
     p.add_argument("--study", help="study name (default <spec name>-<spec hash>, so the same spec and "
                                    "overrides resume the same study)")
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retry-failed", action="store_true",
                    help="also run again, with the same params, trials that FAILed by crashing "
                         "(trials of a killed worker are always queued again)")
-    p.add_argument("--heartbeat", type=_positive_int, default=None, metavar="S",
+    p.add_argument("--heartbeat", type=positive_int, default=None, metavar="S",
                    help="RDB storages: heartbeat interval; a trial silent 3x this long is stale "
                         "(default 10)")
     p.add_argument("--check-storage", action="store_true",
@@ -69,24 +69,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.overrides.insert(0, args.spec)  # 'python -m harness.sweep train.epochs=5'
         args.spec = None
     return args
-
-
-def _positive(cast: type, what: str):
-    """An argparse type: ``cast(text)`` that must be > 0, else argparse's one-line usage error."""
-    def parse(text: str):
-        try:
-            v = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not v > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return v
-    parse.__name__ = cast.__name__  # argparse names the type in its messages
-    return parse
-
-
-_positive_int = _positive(int, "a whole number")
-_positive_float = _positive(float, "seconds")
 
 
 def main(argv: list[str] | None = None) -> int:
