@@ -15,7 +15,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from harness.spec import UserError
+from harness.errors import UserError
 
 NONE = "(unset)"
 
@@ -32,13 +32,13 @@ def load_runs(experiment: str, metric: str, *, filter_string: str = "", statuses
     import mlflow
     from mlflow import MlflowClient
 
-    from harness import stores
+    from harness.tracking import store
 
-    stores.setup_mlflow()
+    store.setup_mlflow()
     exp = MlflowClient().get_experiment_by_name(experiment)
     if exp is None:
         names = sorted(e.name for e in MlflowClient().search_experiments())
-        raise UserError(f"--experiment {experiment!r}: no such experiment in {stores.tracking_uri()} "
+        raise UserError(f"--experiment {experiment!r}: no such experiment in {store.tracking_uri()} "
                         f"(experiments: {', '.join(names) or 'none'})")
     df = mlflow.search_runs(experiment_ids=[exp.experiment_id], filter_string=filter_string,
                             output_format="pandas", max_results=50_000)
@@ -76,58 +76,23 @@ def summarize_groups(df: pd.DataFrame, metric: str, by: Sequence[str], direction
     """One row per group: the group's keys, n, mean, std, min, max, best run id / name / value."""
     col = f"metrics.{metric}"
     work = df.copy()
+    work[col] = work[col].astype(float)
+    keys = list(by) or ["group"]
     if by:
         for c in by:
             work[c] = work[c].astype(object).where(work[c].notna(), NONE).astype(str)
-        groups = work.groupby(list(by), sort=False, dropna=False)
     else:
         work["group"] = "all"
-        groups = work.groupby(["group"], sort=False)
-    rows = []
-    for key, g in groups:
-        key = key if isinstance(key, tuple) else (key,)
-        best_i = g[col].idxmax() if direction == "max" else g[col].idxmin()
-        row = {name.split(".", 1)[-1] if name != "group" else "group": k
-               for name, k in zip(by or ["group"], key)}
-        vals = g[col].astype(float)
-        row.update({
-            "n": int(vals.size),
-            "mean": float(vals.mean()),
-            "std": float(vals.std(ddof=1)) if vals.size > 1 else math.nan,
-            "min": float(vals.min()),
-            "max": float(vals.max()),
-            "best": float(g.at[best_i, col]),
-            "best_run_id": g.at[best_i, "run_id"],
-            "best_run_name": g.at[best_i, "tags.mlflow.runName"] if "tags.mlflow.runName" in g else "",
-        })
-        rows.append(row)
-    out = pd.DataFrame(rows)
-    return out.sort_values("mean", ascending=(direction == "min"), kind="stable").reset_index(drop=True)
-
-
-def curves(run_ids: Sequence[str], metric: str) -> dict[str, tuple[list[float], list[float]]]:
-    """Per run, the metric's history as (steps, values)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    out = {}
-    for rid in run_ids:
-        hist = sorted(client.get_metric_history(rid, metric), key=lambda m: (m.step, m.timestamp))
-        out[rid] = ([m.step for m in hist], [m.value for m in hist])
-    return out
-
-
-def to_markdown(df: pd.DataFrame, floatfmt: str = ".4f") -> str:
-    """A GitHub Markdown table (no tabulate dependency)."""
-    def cell(v) -> str:
-        if isinstance(v, float):
-            return "" if math.isnan(v) else format(v, floatfmt)
-        return str(v).replace("|", "\\|")
-
-    head = "| " + " | ".join(str(c) for c in df.columns) + " |"
-    sep = "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(df[c]) else "---" for c in df.columns) + "|"
-    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join([head, sep, *body]) + "\n"
+    if "tags.mlflow.runName" not in work:
+        work["tags.mlflow.runName"] = ""
+    groups = work.groupby(keys, sort=False, dropna=False)
+    table = groups[col].agg(n="size", mean="mean", std="std", min="min", max="max")
+    best = work.loc[groups[col].idxmax() if direction == "max" else groups[col].idxmin()].set_index(keys)
+    table["best"] = best[col]
+    table["best_run_id"] = best["run_id"]
+    table["best_run_name"] = best["tags.mlflow.runName"]
+    table = table.reset_index().rename(columns={k: k.split(".", 1)[-1] for k in by})
+    return table.sort_values("mean", ascending=(direction == "min"), kind="stable").reset_index(drop=True)
 
 
 def compare(experiment: str, *, group_by: Sequence[str] = (), metric: str = "val/acc",
@@ -135,20 +100,25 @@ def compare(experiment: str, *, group_by: Sequence[str] = (), metric: str = "val
             include_stopped: bool = False, plot: bool = True) -> dict:
     """Everything the CLI does, as a function: returns the summary table, the runs and the files."""
     from analysis.plots import plot_curves
+    from analysis.runs import curves, report_dir
+    from harness.errors import mask_url
+    from harness.tracking.store import tracking_uri
 
     direction = direction or default_direction(metric)
     df = load_runs(experiment, metric, filter_string=filter_string, include_stopped=include_stopped)
     by = resolve_keys(df, group_by)
     table = summarize_groups(df, metric, by, direction)
-    out = Path(out) if out else Path("reports") / _safe(experiment)
+    out = report_dir(experiment, out)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"csv": out / "compare.csv", "md": out / "compare.md", "runs": out / "runs.csv"}
+    # Named apart from an ablation's report files, which share the folder of the experiment.
+    files = {"csv": out / "compare.csv", "md": out / "compare.md", "runs": out / "compare_runs.csv"}
     table.to_csv(files["csv"], index=False)
     keep = ["run_id", "tags.mlflow.runName", "status", f"metrics.{metric}", *by]
     df[[c for c in dict.fromkeys(keep) if c in df.columns]].to_csv(files["runs"], index=False)
     title = f"{experiment}: {metric} by {', '.join(group_by) or 'all runs'} ({direction} is best)"
-    files["md"].write_text(f"# {title}\n\n{len(df)} runs from {_uri()}\n\n{to_markdown(table)}"
-                           + ("\n![learning curves](curves.png)\n" if plot else ""))
+    files["md"].write_text(f"# {title}\n\n{len(df)} runs from {mask_url(tracking_uri())}\n\n"
+                           f"{table.to_markdown(index=False, floatfmt='.4f')}\n"
+                           + ("\n![learning curves](compare_curves.png)\n" if plot else ""))
     if plot:
         hist = curves(df["run_id"].tolist(), metric)
         groups: dict[str, list] = {}
@@ -156,22 +126,13 @@ def compare(experiment: str, *, group_by: Sequence[str] = (), metric: str = "val
         for _, row in df.iterrows():
             name = ", ".join(f"{k}={_val(row[c])}" for k, c in zip(keys, by)) if by else "all"
             groups.setdefault(name, []).append(hist[row["run_id"]])
-        files["png"] = plot_curves([(metric, groups)], out / "curves.png", title=title, xlabel="step")
+        files["png"] = plot_curves([(metric, groups)], out / "compare_curves.png", title=title,
+                                   xlabel="step")
     return {"table": table, "runs": df, "files": files, "title": title}
 
 
 def _val(v) -> str:
     return NONE if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-
-
-def _uri() -> str:
-    from harness.stores import mask_url, tracking_uri
-
-    return mask_url(tracking_uri())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

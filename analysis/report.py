@@ -14,12 +14,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 import pandas as pd
 
 from analysis import stats
+from analysis.runs import METRICS
+from harness.core.modes import POLICIES
 
 if TYPE_CHECKING:
-    from analysis.ablation import Ablation, Arm
-
-# The final metrics of every run, summarised per arm (``analysis.ablation`` collects them).
-METRICS = ("val/acc", "test/acc", "val/loss", "test/loss")
+    from analysis.plan import Ablation, Arm
 
 
 # -- analysing -------------------------------------------------------------------------------------
@@ -27,8 +26,6 @@ METRICS = ("val/acc", "test/acc", "val/loss", "test/loss")
 def analyse(ab: Ablation, runs: pd.DataFrame) -> pd.DataFrame:
     """Per arm: mean ± std of every metric, the paired difference from its control (bootstrap CI,
     paired t and Wilcoxon p, d_z), McNemar over examples (checkpoint arms), guard verdict, costs."""
-    from harness.modes import get_policy
-
     rows = []
     for arm in ab.arms.values():
         mine = runs[runs["arm"] == arm.name].set_index("seed")
@@ -61,7 +58,7 @@ def analyse(ab: Ablation, runs: pd.DataFrame) -> pd.DataFrame:
         row["guard kinds"] = ",".join(kinds)
         row["guard flagged"] = n_flagged
         row["guard runs"] = len(finished)
-        expected_flag = get_policy(arm.spec.mode_bug).name not in ("none", "mc_dropout")
+        expected_flag = POLICIES[arm.spec.mode_bug].expects_findings()
         row["guard as expected"] = (n_flagged == len(finished)) if expected_flag else (n_flagged == 0)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -189,9 +186,9 @@ def _paired_from_row(r, k: str) -> stats.Paired | None:
 
 def write_report(ab: Ablation, table: pd.DataFrame, runs: pd.DataFrame, out: Path, *, parent_run_id: str,
                  wall_seconds: float, failures: Sequence[str] = ()) -> dict[str, Path]:
-    from analysis.compare import to_markdown
     from analysis.plots import plot_curves, plot_effects
-    from harness.stores import mask_url, tracking_uri
+    from harness.errors import mask_url
+    from harness.tracking.store import tracking_uri
 
     out.mkdir(parents=True, exist_ok=True)
     files = {"report": out / "report.md", "arms": out / "arms.csv", "runs": out / "runs.csv",
@@ -251,10 +248,12 @@ def write_report(ab: Ablation, table: pd.DataFrame, runs: pd.DataFrame, out: Pat
         "(checkpoint arms); the autograd graph is the memory a missing `torch.no_grad()` holds per "
         "validation batch (on CUDA, the extra peak memory).",
         "",
-        to_markdown(shown),
+        shown.to_markdown(index=False),
+        "",
         "## All metrics (mean ± std; Δ vs control with 95% CI and paired-t p)",
         "",
-        to_markdown(loss_table(table)),
+        loss_table(table).to_markdown(index=False),
+        "",
     ]
     if "effects" in files:
         lines += ["## Figures", "", "![effects](effects.png)", "", "![curves](curves.png)", ""]

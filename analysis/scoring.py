@@ -9,16 +9,16 @@ compared example by example (McNemar). Each scoring is logged as a child run of 
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from analysis import stats
+from analysis.runs import reuse
 from harness.spec import Spec
 
 if TYPE_CHECKING:
-    from analysis.ablation import Ablation, Arm
+    from analysis.plan import Ablation, Arm
 
 # The scorings are part of the ablation's output: same logger name as its runs.
 log = logging.getLogger("analysis.ablation")
@@ -41,9 +41,9 @@ def score_on_checkpoint(arm_spec: Spec, control_spec: Spec, checkpoint: str | Pa
     statistics), and every pass starts from the same seed, so MC dropout and the like are repeatable."""
     import torch
 
-    from harness.checkpoint import load_checkpoint
+    from harness.core.checkpoint import load_checkpoint
+    from harness.core.loop import evaluate
     from harness.guard import ModeGuard
-    from harness.loop import evaluate
     from harness.run import build
 
     state = load_checkpoint(checkpoint)
@@ -75,18 +75,14 @@ def score_on_checkpoint(arm_spec: Spec, control_spec: Spec, checkpoint: str | Pa
     return out
 
 
-def score_arm(ab: Ablation, arm: Arm, seed: int, control_run_id: str, parent: str, exp_id: str) -> dict:
+def score_arm(ab: Ablation, arm: Arm, seed: int, control_run_id: str, parent: str) -> dict:
     """Score ``arm`` on the control run's last checkpoint and log it as a child run; its metrics."""
-    import mlflow
-
-    from harness.run import git_commit, mlflow_run
-    from harness.tracking import MlflowTracker
+    from harness.run import git_commit
+    from harness.tracking.mlflow_tracker import MlflowTracker
 
     spec, cspec = ab.arm_spec(arm.name, seed), ab.arm_spec(arm.control, seed)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory(prefix="ablation-") as tmp:
-        path = mlflow.artifacts.download_artifacts(run_id=control_run_id,
-                                                   artifact_path="checkpoints/last.pt", dst_path=tmp)
+        path = MlflowTracker(control_run_id).download_artifact("checkpoints/last.pt", tmp)
         s = score_on_checkpoint(spec, cspec, path)
     c, a = s["control"], s["arm"]
     epoch = spec.train.epochs
@@ -102,9 +98,9 @@ def score_arm(ab: Ablation, arm: Arm, seed: int, control_run_id: str, parent: st
             "checkpoint": f"runs:/{control_run_id}/checkpoints/last.pt", "spec_hash": spec.hash(),
             "mode_bug": spec.mode_bug, "git_commit": git_commit(), "torch_version": _torch_version()}
     tags.update({f"mode_guard.{k}": ",".join(v) for k, v in a["guard"].items()})
-    with mlflow_run(experiment_id=exp_id, run_name=f"{arm.name}-s{seed}", parent_run_id=parent,
-                    tags=tags) as run_id:
-        t = MlflowTracker(run_id)
+    t = MlflowTracker()
+    with t.start(experiment=ab.experiment, run_name=f"{arm.name}-s{seed}", parent_run_id=parent,
+                 tags=tags, system_metrics=False):
         t.log_params(spec.params())
         t.log_metrics(metrics, step=epoch)
         t.flush()
@@ -121,3 +117,34 @@ def _torch_version() -> str:
     import torch
 
     return torch.__version__
+
+
+def run_scoring(ab: Ablation, parent: str, done: dict, echo) -> list[str]:
+    """Score every evaluation-only arm x seed not scored yet (``done``: the children so far)."""
+    failures = []
+    arms = [a for a in ab.arms.values() if a.scored == "checkpoint"]
+    total = len(arms) * len(ab.seeds)
+    n = 0
+    for arm in arms:
+        for seed in ab.seeds:
+            n += 1
+            spec = ab.arm_spec(arm.name, seed)
+            if reuse(done, arm.name, seed, spec):
+                continue
+            control = done.get((arm.control, seed))
+            if control is None or control.info.status != "FINISHED":
+                msg = f"{arm.name} seed {seed}: no finished {arm.control} run to score on"
+                echo(f"  [{n}/{total}] {msg}")
+                failures.append(msg)
+                continue
+            try:
+                m = score_arm(ab, arm, seed, control.info.run_id, parent)
+            except Exception as e:
+                msg = f"{arm.name} seed {seed}: scoring failed: {type(e).__name__}: {e}"
+                echo(f"  [{n}/{total}] {msg}")
+                failures.append(msg)
+                continue
+            echo(f"  [{n}/{total}] {arm.name} seed {seed} (on {arm.control}'s checkpoint): "
+                 f"val/acc {m['val/acc']:.4f} test/acc {m['test/acc']:.4f}, McNemar on test: "
+                 f"b={int(m['mcnemar/test_b'])} c={int(m['mcnemar/test_c'])}")
+    return failures

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from harness.guard import ModeGuard
-    from harness.loop import evaluate, train_one_epoch
+    from harness.core.loop import evaluate, train_one_epoch
     from harness.run import build
     from harness.spec import load_spec
 
@@ -90,7 +90,7 @@ def _hook_cost(model, opt, policy, data, device, n: int = 2000) -> tuple[float, 
     import torch
 
     from harness.guard import ModeGuard
-    from harness.loop import train_one_epoch
+    from harness.core.loop import train_one_epoch
 
     x, y = next(iter(data.train))
     guard = ModeGuard(model, frozen=policy.frozen, allow_stochastic_eval=policy.allows_stochastic_eval)

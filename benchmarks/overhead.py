@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     from torchvision import datasets, transforms
 
     from harness.cli import setup_logging
-    from harness.data import _split, load_data
+    from harness.core.data import _split, load_data
     from harness.run import build, run
     from harness.spec import load_spec, parse_overrides
 
@@ -187,10 +187,10 @@ def main(argv: list[str] | None = None) -> int:
           f"momentum {spec.optimizer.momentum}, {args.threads} thread(s), torch {torch.__version__}; "
           f"{args.rounds} round(s) x {args.epochs} timed epochs (+1 warm-up each)"
           + (f"; harness overrides: {' '.join(args.set)}" if args.set else ""))
-    from harness import stores
+    from harness.tracking import store
 
-    stores.setup_mlflow()
-    stores.experiment_id(spec.name)  # create the store before timing anything
+    store.setup_mlflow()
+    store.experiment_id(spec.name)  # create the store before timing anything
 
     t_start = time.perf_counter()
     rows = []  # per timed epoch: {arm: {"train", "wall", "cpu", "acc"}}

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if not pg or not server:
         sys.exit('scale.py: HARNESS_PG_URL / HARNESS_MLFLOW_URL not set: run eval "$(scripts/servers.sh '
                  'start)" first')
-    from harness.stores import mask_url
+    from harness.errors import mask_url
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"sweep of {args.trials} trials x {args.epochs} epochs ({Path(args.spec).name}, random sampler, "

@@ -49,7 +49,7 @@ def run_sweep(workdir: Path, study: str, args: list[str]) -> float:
 def load(workdir: Path, study: str):
     import optuna
 
-    from harness.stores import optuna_storage
+    from harness.sweep.storage import optuna_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     journal = workdir / "mlruns" / "optuna.journal"

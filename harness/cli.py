@@ -9,6 +9,8 @@ import sys
 import threading
 from typing import Iterator
 
+from harness.errors import UserError
+
 
 def setup_logging(verbose: bool = False) -> None:
     # MLflow sets its own logger's level when first imported (later, lazily): tell it through its variable.
@@ -40,8 +42,6 @@ positive_int = positive(int, "a whole number")
 @contextlib.contextmanager
 def user_errors(prog: str) -> Iterator[None]:
     """Bad input -> ``prog: error: <one line>`` on stderr and exit status 2, no traceback."""
-    from harness.spec import UserError
-
     try:
         yield
     except UserError as e:
@@ -71,3 +71,18 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def temp_env(**values: str) -> Iterator[None]:
+    """Environment variables set for the block and restored after it (a library reads them per call)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

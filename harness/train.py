@@ -31,12 +31,13 @@ def main(argv: list[str] | None = None) -> int:
 
         # Validate before importing torch and MLflow: a bad spec fails in well under a second.
         spec = load_spec(args.spec, args.overrides)
-        from harness.loop import Diverged
+        from harness.core.loop import Diverged
         from harness.run import run
-        from harness.stores import mlflow_ui_command
+        from harness.tracking.store import mlflow_ui_command
 
         try:
-            result = run(spec, run_name=args.run_name, resume_run_id=args.resume, progress=not args.quiet)
+            result = run(spec, run_name=args.run_name, resume_run_id=args.resume, progress=not args.quiet,
+                         system_metrics=None)
         except Diverged as e:
             print(f"harness.train: the run diverged and was marked FAILED: {e}; "
                   f"lower optimizer.lr", file=sys.stderr)

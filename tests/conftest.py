@@ -10,6 +10,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# MLflow's own switch: no system-metrics sampler thread in the tests' runs, nor in the CLI runs they
+# start (a subprocess inherits it). A test that checks system metrics turns it back on.
+os.environ["MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"] = "false"
+
 # Tiny, fast settings for the offline digits set: a handful of quick epochs.
 TINY = ["train.epochs=2", "train.log_model=false", "train.sanity_check=false", "guard=warn"]
 

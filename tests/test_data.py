@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import all_runs, run_cli
-from harness.data import Batches, DataError, load_data
+from harness.core.data import Batches, load_data
+from harness.errors import DataError
 from harness.spec import DataSpec
 
 CPU = torch.device("cpu")

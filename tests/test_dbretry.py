@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import sqlalchemy.exc
 
-from harness import dbretry
-from harness.stores import StoreError
+from harness.sweep import dbretry
+from harness.errors import StoreError
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -32,7 +32,6 @@ def test_what_counts_as_a_lost_connection():
 
 
 def test_retries_until_the_database_is_back(monkeypatch):
-    monkeypatch.setattr(dbretry.time, "sleep", lambda s: None)
     calls = []
 
     def flaky(x):
@@ -58,7 +57,6 @@ def test_other_errors_are_not_retried(monkeypatch):
 
 def test_gives_up_with_one_clear_line(monkeypatch):
     monkeypatch.setattr(dbretry, "RETRY_S", 0.0)
-    monkeypatch.setattr(dbretry.time, "sleep", lambda s: None)
 
     def down():
         raise _dropped()

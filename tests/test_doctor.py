@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 from conftest import run_cli
-from harness import doctor
+from harness.sweep import doctor
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # Optuna's "experimental" heartbeat, SQLAlchemy deprecations
 

@@ -18,7 +18,7 @@ def test_there_are_experiment_specs():
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.name for p in SPECS])
 def test_experiment_spec_loads_and_builds(path):
-    from harness.models import build_model
+    from harness.core.models import build_model
     from harness.run import build
 
     spec = load_spec(path)

@@ -11,10 +11,12 @@ import torch
 from torch import nn
 
 from harness.guard import FINDINGS, ROOT, ModeGuard, ModeGuardError
-from harness.loop import evaluate, train_one_epoch
-from harness.modes import get_policy
-from harness.spec import MODE_BUGS, UserError, load_spec
-from conftest import ROOT as REPO, TINY, all_runs
+from harness.core.loop import evaluate, train_one_epoch
+from harness.core.modes import get_policy
+from harness.core.modes import POLICIES
+from harness.errors import UserError
+from harness.spec import load_spec
+from conftest import ROOT as REPO, TINY
 from test_modes import batches, make_model
 
 DEVICE = torch.device("cpu")
@@ -52,10 +54,10 @@ def guarded_run(policy, model=None, epochs: int = 2, action: str = "warn", zero_
 
 
 def test_expected_covers_every_mode_bug():
-    assert set(EXPECTED) == set(MODE_BUGS)
+    assert set(EXPECTED) == set(tuple(POLICIES))
 
 
-@pytest.mark.parametrize("arm", MODE_BUGS)
+@pytest.mark.parametrize("arm", tuple(POLICIES))
 def test_verdict_on_each_arm(arm):
     """Model with dropout + batchnorm + Gaussian noise: each bug flagged, none and mc_dropout never."""
     guard, reports = guarded_run(get_policy(arm))
@@ -205,42 +207,38 @@ BASE = REPO / "experiments" / "digits_lenet_modes.yaml"
 
 def _run(spec_overrides):
     from harness.run import run
+    from harness.tracking.tracker import MemoryTracker
 
     spec = load_spec(BASE, TINY + spec_overrides)
-    return run(spec, progress=False)
+    tracker = MemoryTracker()
+    try:
+        return run(spec, tracker=tracker, progress=False), tracker
+    finally:
+        _run.last = tracker
 
 
-def test_run_logs_findings_tags_metric_and_ledger_unless_off(store):
-    from mlflow import MlflowClient
-    from mlflow.artifacts import load_dict
-
-    bug = _run(["mode_bug=no_eval"])
-    clean = _run(["mode_bug=none"])
-    c = MlflowClient()
-    r = c.get_run(bug.run_id)
-    assert set(r.data.tags["mode_guard.eval_in_train_mode"].split(",")) >= {ROOT, "noise"}
-    assert "mode_guard.bn_stats_changed_in_eval" in r.data.tags
-    assert [m.value for m in c.get_metric_history(bug.run_id, "mode_guard/findings")] == [12, 12]
-    ledger = load_dict(f"runs:/{bug.run_id}/mode_guard/ledger.json")
+def test_run_logs_findings_tags_metric_and_ledger_unless_off():
+    bug, t = _run(["mode_bug=no_eval"])
+    assert set(t.tags["mode_guard.eval_in_train_mode"].split(",")) >= {ROOT, "noise"}
+    assert "mode_guard.bn_stats_changed_in_eval" in t.tags
+    assert [v for _, v in t.metrics["mode_guard/findings"]] == [12, 12]
+    ledger = t.artifacts["mode_guard/ledger.json"]
     assert set(ledger) == {"1", "2"} and set(ledger["2"]) == {"train", "val", "test"}
     assert ledger["1"]["val"]["classifier.3"] == "train"
     assert set(bug.guard) == EXPECTED["no_eval"]
-    rc = c.get_run(clean.run_id)
-    assert not any(k.startswith("mode_guard.") for k in rc.data.tags)
-    assert [m.value for m in c.get_metric_history(clean.run_id, "mode_guard/findings")] == [0, 0]
+    clean, tc = _run(["mode_bug=none"])
+    assert not any(k.startswith("mode_guard.") for k in tc.tags)
+    assert [v for _, v in tc.metrics["mode_guard/findings"]] == [0, 0]
     assert clean.guard == {}
-    off = _run(["mode_bug=no_eval", "guard=off"])  # guard: off logs nothing of the kind
-    ro = c.get_run(off.run_id)
-    assert off.guard == {} and "mode_guard/findings" not in ro.data.metrics
-    assert not any(k.startswith("mode_guard.") for k in ro.data.tags)
+    off, to = _run(["mode_bug=no_eval", "guard=off"])  # guard: off logs nothing of the kind
+    assert off.guard == {} and "mode_guard/findings" not in to.metrics
+    assert not any(k.startswith("mode_guard.") for k in to.tags)
 
 
-def test_guard_raise_fails_the_run_with_the_finding_as_tags(store):
+def test_guard_raise_fails_the_run_with_the_finding_as_tags():
     with pytest.raises(ModeGuardError):
         _run(["mode_bug=no_zero_grad", "guard=raise"])
-    (r,) = all_runs(store)
-    assert r.info.status == "FAILED"
-    assert r.data.tags["mode_guard.missing_zero_grad"] == "optimizer"
-    assert "gradients carried over" in r.data.tags["failure_reason"]
-
-
+    t = _run.last
+    assert t.status == "FAILED"
+    assert t.tags["mode_guard.missing_zero_grad"] == "optimizer"
+    assert "gradients carried over" in t.tags["failure_reason"]

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import ROOT, TINY, all_runs, run_cli
-from harness.data import Batches, Split
-from harness.loop import Diverged, evaluate, sanity_check, train_one_epoch
-from harness.models import MODELS, register
+from harness.core.data import Batches, Split
+from harness.core.loop import Diverged, evaluate, sanity_check, train_one_epoch
+from harness.core.models import MODELS, register
 from harness.spec import load_spec
 
 CPU = torch.device("cpu")
@@ -93,7 +93,7 @@ def test_train_one_epoch_golden_values_and_running_loss():
 def test_train_one_epoch_is_the_textbook_loop_step_for_step():
     # Same weights, same batches: the harness's epoch and a hand-written textbook loop end with
     # bit-identical parameters and the same mean loss.
-    from harness.models import build_model
+    from harness.core.models import build_model
     from harness.spec import ModelSpec
 
     torch.manual_seed(0)
@@ -149,48 +149,49 @@ def test_nan_loss_raises_diverged(log_every):
 
 # -- determinism -------------------------------------------------------------------------------------
 
-def test_same_spec_and_seed_give_identical_metrics(fast_store):
+def test_same_spec_and_seed_give_identical_metrics():
     from harness.run import run
+    from harness.tracking.tracker import MemoryTracker
 
     # Dropout and input noise make the run consume random numbers: the seed must pin them all.
     spec = load_spec(DIGITS, TINY + ["model.dropout=0.3", "model.noise_std=0.1", "data.limit_train=500",
                                      "train.checkpoint=false", "guard=off"])
-    a = run(spec, progress=False)
-    b = run(spec, progress=False)
-    c = run(spec.with_overrides({"seed": 1}), progress=False)
+    ta, tb = MemoryTracker(), MemoryTracker()
+    a = run(spec, tracker=ta, progress=False)
+    b = run(spec, tracker=tb, progress=False)
+    c = run(spec.with_overrides({"seed": 1}), tracker=MemoryTracker(), progress=False)
     keys = ["train/loss", "train/acc", "val/loss", "val/acc"]
-    assert a.run_id != b.run_id
+    assert a.run_id != b.run_id and ta.status == tb.status == "FINISHED"
     for k in keys:
         assert a.history[k] == b.history[k], k  # exactly equal, not approximately
         assert len(a.history[k]) == 2
     assert a.metrics["test/loss"] == b.metrics["test/loss"]
     assert a.history["train/loss"] != c.history["train/loss"]  # the seed matters, so the test can fail
-    # What MLflow holds is the same numbers.
-    from mlflow import MlflowClient
-
-    client = MlflowClient(fast_store)
-    for rid in (a.run_id, b.run_id):
-        assert [m.value for m in client.get_metric_history(rid, "val/loss")] == a.history["val/loss"]
-    running_a = [m.value for m in client.get_metric_history(a.run_id, "train/running_loss")]
-    running_b = [m.value for m in client.get_metric_history(b.run_id, "train/running_loss")]
-    assert running_a and running_a == running_b
+    # What the tracker was given is the same numbers.
+    for t in (ta, tb):
+        assert [v for _, v in t.metrics["val/loss"]] == a.history["val/loss"]
+    running_a = ta.metrics["train/running_loss"]
+    assert running_a and running_a == tb.metrics["train/running_loss"]
 
 
-def test_channels_last_gives_the_same_run_up_to_rounding(fast_store):
+def test_channels_last_gives_the_same_run_up_to_rounding():
     """train.channels_last changes only how conv weights are laid out in memory: deterministic, and
     the same curves as the default layout to float rounding."""
     from harness.run import build, run
+    from harness.tracking.tracker import MemoryTracker
 
     spec = load_spec(DIGITS, TINY + ["data.limit_train=500", "train.checkpoint=false", "guard=off"])
     nhwc = spec.with_overrides({"train.channels_last": True})
     conv = [p for p in build(nhwc).model.parameters() if p.dim() == 4]
     assert conv and all(p.is_contiguous(memory_format=torch.channels_last) for p in conv)
     assert any(not p.is_contiguous() for p in conv)  # (a 1-channel conv is both layouts at once)
-    a, b, c = run(spec, progress=False), run(nhwc, progress=False), run(nhwc, progress=False)
+    tracker = MemoryTracker()
+    a, b, c = (run(spec, tracker=MemoryTracker(), progress=False), run(nhwc, tracker=tracker, progress=False),
+               run(nhwc, tracker=MemoryTracker(), progress=False))
     assert b.history["train/loss"] == c.history["train/loss"]  # deterministic in this layout too
     for k in ("train/loss", "val/loss", "val/acc"):
         assert b.history[k] == pytest.approx(a.history[k], rel=1e-4, abs=1e-4), k
-    assert all_runs(fast_store)[0].data.params["train.channels_last"] in ("True", "False")
+    assert tracker.params["train.channels_last"] is True
 
 
 # -- divergence ----------------------------------------------------------------------------------------
@@ -262,15 +263,16 @@ def test_sanity_check_finds_a_step_that_does_not_lower_the_loss():
     assert any("did not lower the loss" in p and "learning rate" in p for p in problems)
 
 
-def test_broken_setup_warns_in_the_log_and_tags_the_run(fast_store, arch_with_dead_parameter, caplog):
+def test_broken_setup_warns_in_the_log_and_tags_the_run(arch_with_dead_parameter, caplog):
     from harness.run import run
+    from harness.tracking.tracker import MemoryTracker
 
     spec = load_spec(DIGITS, TINY + [f"model.arch={arch_with_dead_parameter}", "train.sanity_check=true",
                                      "train.epochs=1", "train.checkpoint=false", "guard=off"])
+    tracker = MemoryTracker()
     with caplog.at_level(logging.WARNING, logger="harness.run"):
-        result = run(spec, progress=False)
+        run(spec, tracker=tracker, progress=False)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("sanity check" in w and "unused.weight" in w for w in warnings), warnings
-    (mlrun,) = all_runs(fast_store)
-    assert mlrun.info.run_id == result.run_id and mlrun.info.status == "FINISHED"  # a warning, not a failure
-    assert "unused.weight" in mlrun.data.tags["sanity_check"]
+    assert tracker.status == "FINISHED"  # a warning, not a failure
+    assert "unused.weight" in tracker.tags["sanity_check"]

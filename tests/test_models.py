@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from harness.models import MODELS, GaussianNoise, build_model, register
-from harness.spec import ModelSpec, SpecError, load_spec
+from harness.core.models import MODELS, GaussianNoise, build_model, register
+from harness.errors import SpecError
+from harness.spec import ModelSpec, load_spec
 
 SHAPES = [(1, 8, 8), (1, 28, 28)]
 
@@ -90,7 +91,7 @@ def test_noise_option():
 
 
 def test_registry_extension_without_touching_the_loop():
-    from harness.loop import evaluate, train_one_epoch
+    from harness.core.loop import evaluate, train_one_epoch
     from harness.run import build
 
     name = "test_tiny_linear"

@@ -170,7 +170,7 @@ def test_doctor_reports_a_stopped_tracking_server_and_a_wrong_password(servers, 
 def test_doctor_finds_a_stale_running_trial_in_postgres(servers):
     import optuna
 
-    from harness import doctor
+    from harness.sweep import doctor
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.RDBStorage(servers["HARNESS_PG_URL"], heartbeat_interval=1)

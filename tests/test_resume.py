@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from conftest import ROOT, all_runs, run_cli
-from harness.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
+from harness.core.checkpoint import load_checkpoint, save_checkpoint
+from harness.core.rng import set_rng_state
+from harness.errors import CheckpointError
 
 DIGITS = str(ROOT / "experiments" / "digits_lenet.yaml")
 # Small batches make epochs long enough to kill one mid-run; one thread keeps the arithmetic identical
@@ -50,7 +52,8 @@ def test_killed_run_resumes_to_the_same_numbers(fast_store, tmp_path):
     from mlflow import MlflowClient
 
     from harness.run import run
-    from harness.spec import UserError, load_spec
+    from harness.errors import UserError
+    from harness.spec import load_spec
 
     client = MlflowClient(fast_store)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": fast_store}
@@ -127,7 +130,8 @@ def test_killed_run_resumes_to_the_same_numbers(fast_store, tmp_path):
 
 def test_resume_of_an_unknown_run_is_a_user_error(fast_store, tmp_path):
     from harness.run import run
-    from harness.spec import UserError, load_spec
+    from harness.errors import UserError
+    from harness.spec import load_spec
 
     with pytest.raises(UserError, match="--resume 0123456789abcdef"):
         run(load_spec(DIGITS, ["train.epochs=2", "train.log_model=false"]),

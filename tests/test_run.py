@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, all_runs, run_cli
-from harness.spec import UserError, load_spec
+from harness.errors import UserError
+from harness.spec import load_spec
 
 DIGITS = str(ROOT / "experiments" / "digits_lenet.yaml")
 
@@ -122,7 +123,7 @@ def test_resolved_spec_artifact(digits_run, tmp_path):
 def test_checkpoints_last_and_best(digits_run, tmp_path):
     from mlflow.artifacts import download_artifacts
 
-    from harness.checkpoint import load_checkpoint
+    from harness.core.checkpoint import load_checkpoint
 
     run, client = digits_run["run"], digits_run["client"]
     names = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
@@ -141,9 +142,9 @@ def test_checkpoints_last_and_best(digits_run, tmp_path):
 def test_logged_model_loads_and_predicts(digits_run, tmp_path):
     import mlflow
 
-    from harness.data import load_data
-    from harness.loop import evaluate
-    from harness.models import build_model
+    from harness.core.data import load_data
+    from harness.core.loop import evaluate
+    from harness.core.models import build_model
 
     run = digits_run["run"]
     previous = mlflow.get_tracking_uri()
@@ -166,7 +167,7 @@ def test_logged_model_loads_and_predicts(digits_run, tmp_path):
     # ... and the same weights as the last checkpoint.
     from mlflow.artifacts import download_artifacts
 
-    from harness.checkpoint import load_checkpoint
+    from harness.core.checkpoint import load_checkpoint
 
     state = load_checkpoint(download_artifacts(run_id=run.info.run_id, artifact_path="checkpoints/last.pt",
                                                dst_path=str(tmp_path), tracking_uri=digits_run["uri"]))
@@ -201,7 +202,8 @@ def test_an_exception_ends_the_run_in_a_final_state(fast_store, exc, status):
 
 
 def test_stopped_ends_finished_with_its_curves(fast_store):
-    from harness.run import Stopped, run
+    from harness.core.loop import Stopped
+    from harness.run import run
 
     def on_epoch(epoch, metrics):
         raise Stopped("pruned at epoch 1")

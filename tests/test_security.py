@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, run_cli
-from harness import checkpoint as ckpt
-from harness.stores import mask_url, mlflow_ui_command
+from harness.core import checkpoint as ckpt
+from harness.errors import mask_url
+from harness.tracking.store import mlflow_ui_command
 
 SPEC = str(ROOT / "experiments" / "digits_lenet.yaml")
 
@@ -133,13 +134,14 @@ def test_storage_password_is_masked_in_a_real_sweep(fast_store, tmp_path, monkey
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    from harness import stores, sweep
+    from harness.sweep import cli as sweep
+    from harness.sweep import storage
 
     secret = "s3cret-Pw"
     url = f"postgresql+psycopg2://alice:{secret}@db.lab.invalid:5432/optuna"
     journal = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
-    monkeypatch.setattr(stores, "optuna_storage", lambda *a, **k: journal)
-    monkeypatch.setattr(stores, "storage_lock", lambda url: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(storage, "optuna_storage", lambda *a, **k: journal)
+    monkeypatch.setattr(storage, "storage_lock", lambda url: __import__("contextlib").nullcontext())
     caplog.set_level(logging.DEBUG)
     rc = sweep.main([SPEC, "train.epochs=2", "train.log_model=false", "train.sanity_check=false",
                      "--n-trials", "2", "--storage", url, "--study", "secret-study"])

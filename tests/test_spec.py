@@ -9,7 +9,8 @@ import textwrap
 import pytest
 
 from conftest import ROOT, all_runs, run_cli
-from harness.spec import SpecError, Spec, load_spec, parse_overrides
+from harness.errors import SpecError
+from harness.spec import Spec, load_spec, parse_overrides
 
 # Spec files for the bad cases set no model.arch on purpose: validating an arch imports torch (the
 # registry lives in harness.models), and every other mistake must be reported without it.

@@ -33,13 +33,13 @@ def _keep_torch_threads():
 
 def sweep(*args: str) -> int:
     """The CLI in this process (no interpreter start-up per call)."""
-    from harness.sweep import main
+    from harness.sweep.cli import main
 
     return main([SPEC, *FAST, *args])
 
 
 def the_study(storage: str = JOURNAL) -> optuna.Study:
-    from harness.stores import optuna_storage
+    from harness.sweep.storage import optuna_storage
 
     st = optuna_storage(storage)
     names = optuna.get_all_study_names(st)
@@ -127,7 +127,7 @@ def test_same_seed_proposes_the_same_trials(fast_store, tmp_path):
 
 def test_per_trial_seeds_keep_parallel_workers_apart():
     from harness.spec import load_spec
-    from harness.study import distributions, make_sampler
+    from harness.sweep.space import distributions, make_sampler
 
     spec = load_spec(SPEC)
     space = distributions(spec)
@@ -180,7 +180,7 @@ def test_sigkilled_sweep_leaves_a_stale_trial_that_the_next_start_fails_and_retr
     client = MlflowClient(fast_store)
     assert client.get_run(victim.user_attrs["mlflow_run_id"]).info.status == "RUNNING"
 
-    from harness.sweep import main
+    from harness.sweep.cli import main
 
     assert main([SPEC, *FAST, *slow]) == 0
     study = the_study()
@@ -238,7 +238,7 @@ def test_sigterm_ends_the_trial_killed_and_queues_its_params_again(fast_store, t
     assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "FAIL"
     parent = children_and_parent(fast_store)[0][0]
     assert parent.info.status == "KILLED"
-    from harness.sweep import main
+    from harness.sweep.cli import main
 
     assert main([SPEC, *FAST, *slow]) == 0  # resumes: the queued params run, the study completes
     study = the_study()
@@ -249,7 +249,7 @@ def test_sigterm_ends_the_trial_killed_and_queues_its_params_again(fast_store, t
 
 def test_retry_failed_queues_the_params_of_crashed_trials(fast_store):
     from harness.spec import load_spec
-    from harness.study import distributions
+    from harness.sweep.space import distributions
 
     assert sweep("--n-trials", "1") == 0
     study = the_study()
@@ -269,7 +269,7 @@ def test_optuna_database_lost_mid_trial_ends_the_sweep_with_its_parent_run_faile
                                                                                  capsys):
     """A StoreError that is not about the tracking server (here dbretry giving up on the Optuna database
     at the trial's first report): one line, exit 2, and MLflow, still there, has the parent run FAILED."""
-    from harness.stores import StoreError
+    from harness.errors import StoreError
 
     def database_gone(self, value, step):
         raise StoreError("the Optuna storage: the database has not answered for 60 s; run the same "
@@ -289,10 +289,10 @@ def test_optuna_database_lost_mid_trial_ends_the_sweep_with_its_parent_run_faile
 # -- pruning and divergence --------------------------------------------------------------------------------
 
 def test_pruned_trial_keeps_its_curve_and_state_tag(fast_store, monkeypatch):
-    import harness.study
+    import harness.sweep.space
 
     # A pruner that stops every trial at epoch 2 of 3: deterministic, unlike the median's verdicts.
-    monkeypatch.setattr(harness.study, "make_pruner",
+    monkeypatch.setattr(harness.sweep.space, "make_pruner",
                         lambda name, spec: optuna.pruners.ThresholdPruner(lower=2.0, n_warmup_steps=2))
     assert sweep("--n-trials", "2", "train.epochs=3") == 0
     study = the_study()
@@ -324,7 +324,7 @@ def test_diverging_trial_is_recorded_and_the_sweep_goes_on(fast_store, tmp_path,
         "search:\n"
         "  params:\n"
         "    optimizer.lr: {type: categorical, choices: [100000000.0, 0.05]}\n"))
-    from harness.sweep import main
+    from harness.sweep.cli import main
 
     # grid: exactly the two values, whatever the seed; --n-trials is capped at the grid's size
     assert main([str(spec), *FAST, "--sampler", "grid", "--n-trials", "10"]) == 0
@@ -353,7 +353,8 @@ def test_timeout_stops_starting_trials(fast_store):
 def test_storage_choices(tmp_path, monkeypatch):
     from optuna.storages import JournalStorage, RDBStorage
 
-    from harness.stores import StoreError, check_optuna_storage, optuna_storage, optuna_storage_kind
+    from harness.errors import StoreError
+    from harness.sweep.storage import check_optuna_storage, optuna_storage, optuna_storage_kind
 
     monkeypatch.chdir(tmp_path)
     assert isinstance(optuna_storage(None), JournalStorage)
@@ -390,7 +391,7 @@ def test_rdb_heartbeat_fails_a_silent_trial_of_another_host_and_retries_it(fast_
     assert sweep("--storage", url, "--n-trials", "1") == 0
     study = the_study(url)
     from harness.spec import load_spec
-    from harness.study import distributions
+    from harness.sweep.space import distributions
 
     # A worker on another machine took a trial, beat once, and died.
     ghost = study.ask(fixed_distributions=distributions(load_spec(SPEC, FAST)))
@@ -440,7 +441,7 @@ def test_help_is_fast_and_imports_nothing_heavy(tmp_path):
     r = run_cli("harness.sweep", "--help", cwd=tmp_path)
     assert r.returncode == 0 and "--n-trials" in r.stdout and "--workers" in r.stdout
     assert time.perf_counter() - t < 10
-    probe = ("import sys; from harness.sweep import parse_args; parse_args(['--n-trials', '3']); "
+    probe = ("import sys; from harness.sweep.cli import parse_args; parse_args(['--n-trials', '3']); "
              "print(sorted(m for m in ('torch', 'mlflow', 'optuna', 'pandas') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
@@ -453,7 +454,7 @@ def test_help_is_fast_and_imports_nothing_heavy(tmp_path):
     (["--heartbeat", "-3"], "--heartbeat: must be positive, got -3"),
 ])
 def test_bad_option_values_are_one_line_and_exit_2(capsys, args, words):
-    from harness.sweep import parse_args
+    from harness.sweep.cli import parse_args
 
     with pytest.raises(SystemExit) as e:
         parse_args(args)
@@ -463,7 +464,7 @@ def test_bad_option_values_are_one_line_and_exit_2(capsys, args, words):
 
 
 def test_options_and_overrides_mix_in_any_order():
-    from harness.sweep import parse_args
+    from harness.sweep.cli import parse_args
 
     a = parse_args(["s.yaml", "train.epochs=2", "--n-trials", "3", "model.dropout=0.1"])
     assert a.spec == "s.yaml" and a.overrides == ["train.epochs=2", "model.dropout=0.1"]

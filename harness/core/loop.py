@@ -1,6 +1,6 @@
 """The train/validate loop: plain functions over (model, batches, optimizer, device), metric dicts out.
 
-The policy (harness.modes) decides the mode calls, so the correct loop reads like the textbook and a
+The policy (harness.core.modes) decides the mode calls, so the correct loop reads like the textbook and a
 bug is a policy passed in. Nothing here knows about MLflow: running losses go to a callback.
 """
 from __future__ import annotations
@@ -14,14 +14,19 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from harness.core.modes import Correct
 from harness.guard import ModeGuard
-from harness.modes import Correct
 
 CORRECT = Correct()
 
 
 class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class Stopped(Exception):
+    """Raised by an epoch callback to end a run early on purpose (e.g. a pruned trial). The run keeps
+    its partial curves and ends FINISHED with tag ``stopped_early``."""
 
 
 def _guarded(guard: ModeGuard | None, phase: str):

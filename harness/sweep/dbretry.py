@@ -4,7 +4,7 @@ SQLAlchemy's ``pool_pre_ping`` replaces a pooled connection that died while idle
 runs while the server restarts, or that finds it still starting up, fails with ``OperationalError``
 (Optuna wraps some of them in ``StorageInternalError``). Here every Optuna storage operation, and the
 sweep's advisory lock, is retried with backoff for up to :data:`RETRY_S` seconds; a database that stays
-away longer ends the sweep with one :class:`~harness.stores.StoreError` line (re-running the same command
+away longer ends the sweep with one :class:`~harness.errors.StoreError` line (re-running the same command
 resumes the study).
 
 Retrying an operation whose commit reached the server but whose answer was lost is harmless for the
@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from typing import Any, Callable, Iterator
 
 from optuna.storages import RDBStorage
+
+from harness.errors import StoreError, first_line
 
 log = logging.getLogger("harness.sweep")
 
@@ -46,24 +47,22 @@ def is_disconnect(e: BaseException | None) -> bool:
 def call_with_retry(fn: Callable[..., Any], *args: Any, what: str = "the Optuna storage",
                     **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)``, again after a lost connection, for up to :data:`RETRY_S` seconds."""
-    deadline, delay, warned = time.monotonic() + RETRY_S, 0.25, False
-    while True:
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:
-            if not is_disconnect(e):
-                raise
-            if time.monotonic() > deadline:
-                from harness.stores import StoreError, _first_line
+    import tenacity
 
-                raise StoreError(f"{what}: the database has not answered for {RETRY_S:.0f} s "
-                                 f"({_first_line(getattr(e, 'orig', None) or e)}); when it is back, run "
-                                 f"the same command again to resume") from None
-            if not warned:
-                log.warning("%s: lost the database connection; retrying for up to %.0f s", what, RETRY_S)
-                warned = True
-            time.sleep(delay)
-            delay = min(2 * delay, 5.0)
+    def warn_once(state: tenacity.RetryCallState) -> None:
+        if state.attempt_number == 1:
+            log.warning("%s: lost the database connection; retrying for up to %.0f s", what, RETRY_S)
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(is_disconnect), stop=tenacity.stop_after_delay(RETRY_S),
+        wait=tenacity.wait_exponential(multiplier=0.25, max=5.0), before_sleep=warn_once)
+    try:
+        return retrying(fn, *args, **kwargs)
+    except tenacity.RetryError as gave_up:
+        e = gave_up.last_attempt.exception()
+        raise StoreError(f"{what}: the database has not answered for {RETRY_S:.0f} s "
+                         f"({first_line(e)}); when it is back, run the same command again to "
+                         f"resume") from None
 
 
 class RetryingRDBStorage(RDBStorage):

@@ -3,6 +3,11 @@
 The loop calls a policy at five points (run start, epoch start, evaluation start, the gradient
 context of evaluation, zero_grad) and for each prediction. :class:`Correct` is the textbook; every bug
 is a subclass that overrides the few lines it gets wrong, marked ``# BUG``.
+
+A policy is registered under its ``name`` with :func:`register`; the spec's ``mode_bug`` accepts exactly
+the registered names, and the ablation reads ``scope`` (what it changes: an evaluation-only policy is
+scored on the control's checkpoints) and ``expects_findings`` (whether the mode guard should flag it)
+from the class. A new bug is one subclass here (or in any module imported before the spec is read).
 """
 from __future__ import annotations
 
@@ -12,20 +17,21 @@ from typing import Sequence
 import torch
 from torch import nn
 
-
-def is_stochastic(m: nn.Module) -> bool:
-    """Dropout and custom layers that flag themselves ``mode_dependent`` (e.g. GaussianNoise)."""
-    return isinstance(m, nn.modules.dropout._DropoutNd) or bool(getattr(m, "mode_dependent", False))
+from harness.guard.layers import is_stochastic
 
 
-def is_batchnorm(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.batchnorm._BatchNorm)
+POLICIES: dict[str, type["Correct"]] = {}
 
 
-def is_mode_sensitive(m: nn.Module) -> bool:
-    return is_stochastic(m) or is_batchnorm(m)
+def register(cls: type["Correct"]) -> type["Correct"]:
+    """Class decorator: make a policy selectable as ``mode_bug: <cls.name>``."""
+    if cls.scope not in ("none", "eval", "train"):
+        raise ValueError(f"policy {cls.__name__}: scope must be none, eval or train, got {cls.scope!r}")
+    POLICIES[cls.name] = cls
+    return cls
 
 
+@register
 class Correct:
     """The textbook loop: ``model.train()`` every epoch, ``model.eval()`` + ``no_grad`` to evaluate."""
 
@@ -38,6 +44,12 @@ class Correct:
     def __init__(self, frozen: Sequence[str] = (), mc_samples: int = 10):
         self.frozen = tuple(frozen)
         self.mc_samples = mc_samples
+
+    @classmethod
+    def expects_findings(cls) -> bool:
+        """Whether the mode guard must flag a run of this policy: every real bug, never the textbook
+        loop nor a deliberate stochastic evaluation (MC dropout)."""
+        return cls.scope != "none" and not cls.allows_stochastic_eval
 
     def start_run(self, model: nn.Module) -> None:
         """Once, before the first epoch: freeze the declared submodules (no gradients, eval mode)."""
@@ -68,6 +80,7 @@ class Correct:
             model.get_submodule(name).eval()
 
 
+@register
 class NoEval(Correct):
     """Validation without ``model.eval()``: dropout stays on, BatchNorm uses and updates batch stats."""
 
@@ -78,6 +91,7 @@ class NoEval(Correct):
         pass  # BUG: model.eval() forgotten
 
 
+@register
 class TrainOnce(Correct):
     """``model.train()`` once before the epoch loop: after the first validation, training runs in eval mode."""
 
@@ -93,6 +107,7 @@ class TrainOnce(Correct):
         pass  # BUG: no model.train() at the start of each epoch
 
 
+@register
 class NoGradMissing(Correct):
     """Validation without ``torch.no_grad()``: same numbers, an autograd graph built for nothing."""
 
@@ -103,6 +118,7 @@ class NoGradMissing(Correct):
         return contextlib.nullcontext()  # BUG: no torch.no_grad()
 
 
+@register
 class NoZeroGrad(Correct):
     """``optimizer.zero_grad()`` forgotten: every step uses the sum of all gradients so far."""
 
@@ -113,6 +129,7 @@ class NoZeroGrad(Correct):
         pass  # BUG: gradients accumulate across steps
 
 
+@register
 class MCDropout(Correct):
     """The deliberate counterpart of ``no_eval``: dropout on at evaluation, BatchNorm in eval mode,
     softmax averaged over ``mc_samples`` passes. Not a bug; the guard allows it."""
@@ -133,6 +150,7 @@ class MCDropout(Correct):
         return torch.log(probs.clamp_min(1e-12))
 
 
+@register
 class PartialFreeze(Correct):
     """A frozen feature extractor put in ``eval()`` once, silently undone by every ``model.train()``:
     its BatchNorm statistics drift with the training batches although its weights are frozen."""
@@ -145,11 +163,6 @@ class PartialFreeze(Correct):
 
     def start_epoch(self, model: nn.Module, epoch: int) -> None:
         model.train()  # BUG: also flips the frozen features back to training mode
-
-
-POLICIES: dict[str, type[Correct]] = {
-    p.name: p for p in (Correct, NoEval, TrainOnce, NoGradMissing, NoZeroGrad, MCDropout, PartialFreeze)
-}
 
 
 def get_policy(name: str, frozen: Sequence[str] = (), mc_samples: int = 10) -> Correct:

@@ -8,18 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
 
-from harness.spec import DataSpec, UserError
+from harness.errors import DataError
+
+if TYPE_CHECKING:
+    from harness.spec import DataSpec
 
 TEST_SPLIT_SEED = 12345  # digits has no official test split: hold out one fixed split, forever
-
-
-class DataError(UserError):
-    pass
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """python -m harness.sweep [SPEC] [options] [key=value ...]: an Optuna search over the spec's ``search:``
 block, every trial a nested MLflow run under one parent run per study; prunable, resumable, parallel.
 
-The pieces: ``harness.study`` is the Optuna side (space, sampler, pruner, trial slots), ``harness.run``
-is the objective, ``harness.sweep_report`` writes the end-of-sweep summary; this module is the CLI, the
-worker loop and the small code that links a trial to its MLflow run.
+The pieces: ``harness.sweep.context`` opens the spec, study and stores, ``harness.sweep.worker`` runs
+trials (``harness.run`` is the objective), ``harness.sweep.report`` writes the end-of-sweep summary; this
+module is the command line and the process fan-out of ``--workers``.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ DEFAULT_SPEC = "experiments/digits_lenet.yaml"
 # 30 trials x 20 epochs of LeNet on digits: ~1 s a trial on a laptop core, about a minute of training
 # in all (less with pruning); TPE has 10 random startup trials and 20 guided ones.
 DEFAULT_N_TRIALS = 30
-MAX_CONSECUTIVE_FAILURES = 3  # crashes (not divergence) in a row: a bug, not bad luck; stop the worker
+SAMPLERS = ("tpe", "random", "grid")  # harness.sweep.space builds each
+PRUNERS = ("median", "hyperband", "none")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,9 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--storage", metavar="URL",
                    help="Optuna storage: a journal file path, sqlite:///..., postgresql://... "
                         "(default mlruns/optuna.journal)")
-    p.add_argument("--pruner", choices=("median", "hyperband", "none"), default="median",
+    p.add_argument("--pruner", choices=PRUNERS, default="median",
                    help="stop bad trials early from their per-epoch objective (default median)")
-    p.add_argument("--sampler", choices=("tpe", "random", "grid"), default="tpe",
+    p.add_argument("--sampler", choices=SAMPLERS, default="tpe",
                    help="how trials are proposed, seeded from the spec's seed (default tpe)")
     p.add_argument("--retry-failed", action="store_true",
                    help="also run again, with the same params, trials that FAILed by crashing "
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     with user_errors("harness.sweep"):
         if args.check_storage:
             return _check_storage(args)
-        from harness.stores import check_optuna_storage
+        from harness.sweep.storage import check_optuna_storage
 
         check_optuna_storage(args.storage, args.workers)  # before anything slow
         if args.spec is None:
@@ -100,23 +101,26 @@ def _sweep(args: argparse.Namespace) -> int:
     (here or in K worker processes), then print and log the summary."""
     import time
 
-    from harness import stores, sweep_report, trials
+    from harness.errors import TrackingServerGone
+    from harness.sweep import parent, worker
+    from harness.sweep import report as sweep_report
+    from harness.sweep.context import open_context
 
     t0 = time.perf_counter()
-    ctx = trials.open_context(args)
-    trials.ensure_parent_run(ctx)
-    trials.cleanup_stale(ctx)
+    ctx = open_context(args, on_stale=worker.on_stale)
+    parent.ensure_parent_run(ctx)
+    worker.cleanup_stale(ctx)
     if args.retry_failed:
-        n = trials.retry_failed_trials(ctx)
+        n = worker.retry_failed_trials(ctx)
         if n:
             print(f"queued {n} failed trial(s) to run again with the same params", flush=True)
     _print_header(ctx)
-    trials.set_parent_status(ctx, "RUNNING")
+    parent.set_parent_status(ctx, "RUNNING")
     status: str | None = "FAILED"
     try:
         if args.workers == 1:
             with sigterm_as_interrupt():
-                rc = trials.run_worker(ctx, on_trial=_printer(ctx))
+                rc = worker.run_worker(ctx, on_trial=_printer(ctx))
         else:
             rc = _run_workers(args, ctx)
         status = "FINISHED" if rc == 0 else "FAILED"
@@ -124,12 +128,12 @@ def _sweep(args: argparse.Namespace) -> int:
         status = "KILLED"
         print("harness.sweep: run the same command again to resume the study", file=sys.stderr)
         raise
-    except stores.TrackingServerGone:
+    except TrackingServerGone:
         status = None  # MLflow is gone: the parent run is marked again by the next start
         raise
     finally:
         if status is not None:
-            trials.set_parent_status(ctx, status)
+            parent.set_parent_status(ctx, status)
     summary = sweep_report.summarize(ctx)
     sweep_report.print_summary(ctx, summary)
     sweep_report.log_to_parent(ctx, summary)
@@ -142,25 +146,21 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     """One of K worker processes started by ``_sweep``: trials only, no summary."""
-    from harness import trials
-
-    ctx = trials.open_context(args, label=f"w{args.worker_index}")
-    ctx.parent_run_id = ctx.study.user_attrs[trials.PARENT_ATTR]
-    _set_threads(args.workers)
-    with sigterm_as_interrupt():
-        return trials.run_worker(ctx, on_trial=_printer(ctx))
-
-
-def _set_threads(workers: int) -> None:
-    """Each of K workers gets cores // K torch threads, so K workers do not oversubscribe the CPU."""
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores // workers))
+    from harness.core.device import threads_for
+    from harness.sweep import parent, worker
+    from harness.sweep.context import open_context
+
+    ctx = open_context(args, label=f"w{args.worker_index}", on_stale=worker.on_stale)
+    ctx.parent_run_id = ctx.study.user_attrs[parent.PARENT_ATTR]
+    torch.set_num_threads(threads_for(args.workers))
+    with sigterm_as_interrupt():
+        return worker.run_worker(ctx, on_trial=_printer(ctx))
 
 
 def _printer(ctx):
-    from harness.sweep_report import trial_line
+    from harness.sweep.report import trial_line
 
     def on_trial(trial, outcome) -> None:
         if not ctx.quiet:
@@ -171,8 +171,10 @@ def _printer(ctx):
 
 
 def _print_header(ctx) -> None:
-    from harness import study as st
-    from harness.stores import mask_url, optuna_storage_display, tracking_uri
+    from harness.errors import mask_url
+    from harness.sweep import study as st
+    from harness.sweep.storage import optuna_storage_display
+    from harness.tracking.store import tracking_uri
 
     c = st.counts(ctx.study)
     done = c.get("COMPLETE", 0) + c.get("PRUNED", 0)
@@ -200,7 +202,7 @@ def _run_workers(args: argparse.Namespace, ctx) -> int:
         if value is not None:
             base += [flag, str(value)]
     base += ["--retry-failed"] * args.retry_failed + ["--quiet"] * args.quiet
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     procs = [subprocess.Popen(base + ["--worker-index", str(i)], env=env) for i in range(args.workers)]
@@ -232,30 +234,24 @@ def _run_workers(args: argparse.Namespace, ctx) -> int:
 def _default_spec() -> str:
     from pathlib import Path
 
-    from harness.spec import SpecError
+    from harness.errors import SpecError
 
     if Path(DEFAULT_SPEC).is_file():
         return DEFAULT_SPEC
-    packaged = Path(__file__).resolve().parents[1] / DEFAULT_SPEC
+    packaged = Path(__file__).resolve().parents[2] / DEFAULT_SPEC
     if packaged.is_file():
         return str(packaged)
     raise SpecError(f"{DEFAULT_SPEC}: the default spec is not here; pass a spec path")
 
 
 def _check_storage(args: argparse.Namespace) -> int:
-    """``--check-storage``: the storage doctor (harness/doctor.py) on this sweep's stores and study."""
-    import importlib.util
-
-    if importlib.util.find_spec("harness.doctor") is None:
-        print("harness.sweep: --check-storage needs the storage doctor (harness/doctor.py), which this "
-              "checkout does not have", file=sys.stderr)
-        return 2
-    from harness import doctor
+    """``--check-storage``: the storage doctor (harness.sweep.doctor) on this sweep's stores and study."""
+    from harness.sweep import doctor
 
     study = args.study
     if study is None:
         from harness.spec import load_spec
-        from harness.study import default_study_name
+        from harness.sweep.study import default_study_name
 
         study = default_study_name(load_spec(args.spec or _default_spec(), args.overrides))
     argv = ["--workers", str(args.workers), "--study", study]
@@ -265,7 +261,3 @@ def _check_storage(args: argparse.Namespace) -> int:
         argv += ["--grace-period", str(3 * args.heartbeat)]
     return int(doctor.main(argv) or 0)
 
-
-if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(main())

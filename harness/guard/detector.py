@@ -28,8 +28,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from harness.modes import is_batchnorm, is_mode_sensitive, is_stochastic
-from harness.spec import UserError
+from harness.errors import UserError
+from harness.guard.layers import is_batchnorm, is_mode_sensitive, is_stochastic
 
 log = logging.getLogger("harness.guard")
 

@@ -13,8 +13,9 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from harness import stores
-from harness import study as st
+from harness.sweep import storage as sto
+from harness.sweep import study as st
+from harness.tracking import store
 
 log = logging.getLogger("harness.sweep")
 
@@ -62,22 +63,24 @@ def print_summary(ctx, s: dict[str, Any], out=print) -> None:
     if not best:
         out("no trial completed yet: nothing to recommend")
     else:
+        import pandas as pd
+
         keys = list(ctx.space)
-        head = ["trial", metric, *keys, "epochs", "mlflow run"]
-        rows = [[str(t.number), f"{t.value:.4f}", *[st.fmt_value(t.params.get(k)) for k in keys],
-                 str(epochs_of(t)), str(t.user_attrs.get("mlflow_run_id", ""))] for t in best]
-        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        table = pd.DataFrame([{"trial": t.number, metric: f"{t.value:.4f}",
+                               **{k: st.fmt_value(t.params.get(k)) for k in keys},
+                               "epochs": epochs_of(t), "mlflow run": t.user_attrs.get("mlflow_run_id", "")}
+                              for t in best])
         out(f"best trials ({ctx.spec.search.direction} {metric}):")
-        for r in [head, *rows]:
-            out("  " + "  ".join(cell.rjust(w) for cell, w in zip(r, widths)))
+        for line in table.to_string(index=False).splitlines():
+            out("  " + line)
         top = best[0]
         out(f"best params (trial {top.number}, {metric} {top.value:.4f}), ready to paste:")
         out(f"  {st.override_line(top.params)}")
         line = " ".join([ctx.spec_path, *ctx.overrides, st.override_line(top.params)])
         out(f"  python -m harness.train {line}")
     out("browse:")
-    out(f"  {stores.mlflow_ui_command()}; parent run sweep:{ctx.study_name}, id {ctx.parent_run_id}")
-    out(f"  {stores.optuna_dashboard_command(ctx.storage_url)}")
+    out(f"  {store.mlflow_ui_command()}; parent run sweep:{ctx.study_name}, id {ctx.parent_run_id}")
+    out(f"  {sto.optuna_dashboard_command(ctx.storage_url)}")
 
 
 def log_to_parent(ctx, s: dict[str, Any]) -> None:

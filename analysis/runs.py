@@ -1,0 +1,111 @@
+"""Reading runs back from MLflow for analysis: an experiment's runs, a metric's history, and an
+ablation's children (one row per arm x seed). Reports read the store, not memory, so a resumed or
+re-reported study shows the same numbers."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import pandas as pd
+
+from harness.errors import UserError
+
+if TYPE_CHECKING:
+    from analysis.plan import Ablation
+    from harness.spec import Spec
+
+# The final metrics of every run, summarised per arm.
+METRICS = ("val/acc", "test/acc", "val/loss", "test/loss")
+# The per-epoch curves kept for trained arms (plots and costs).
+HISTORY = ("val/acc", "train/loss", "time/train_epoch_s", "val/seconds", "val/autograd_mb")
+
+
+def report_dir(name: str, out: str | Path | None = None) -> Path:
+    """``out``, or ``reports/<name>/`` with the name made safe as a folder name."""
+    if out:
+        return Path(out)
+    return Path("reports") / "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def history(client, run_id: str, key: str) -> tuple[list[int], list[float]]:
+    """A metric's history as (steps, values), in step order."""
+    h = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    return [m.step for m in h], [m.value for m in h]
+
+
+def curves(run_ids: Sequence[str], metric: str) -> dict[str, tuple[list[int], list[float]]]:
+    """Per run, the metric's history as (steps, values)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    return {rid: history(client, rid, metric) for rid in run_ids}
+
+
+def existing_children(exp_id: str, parent: str) -> dict[tuple[str, int], Any]:
+    """Finished (or diverged) children by (arm, seed); the latest one wins."""
+    from mlflow import MlflowClient
+
+    runs = MlflowClient().search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+                                      max_results=50_000, order_by=["attributes.start_time ASC"])
+    out = {}
+    for r in runs:
+        tags = r.data.tags
+        if "ablation.arm" not in tags:
+            continue
+        diverged = tags.get("failure_reason", "").startswith("diverged")
+        if r.info.status == "FINISHED" or (r.info.status == "FAILED" and diverged):
+            out[(tags["ablation.arm"], int(tags["ablation.seed"]))] = r
+    return out
+
+
+def collect(exp_id: str, parent: str, ab: Ablation) -> pd.DataFrame:
+    """One row per arm x seed from MLflow (so a resumed or re-reported study reads the same numbers):
+    final metrics, status, guard findings, costs and per-epoch histories (training runs)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    done = existing_children(exp_id, parent)
+    rows = []
+    for arm in ab.arms.values():
+        for seed in ab.seeds:
+            r = done.get((arm.name, seed))
+            row: dict[str, Any] = {"arm": arm.name, "seed": seed, "scored": arm.scored,
+                                   "control": arm.control or "", "run_id": r.info.run_id if r else "",
+                                   "status": "missing"}
+            if r is not None:
+                tags, m = r.data.tags, r.data.metrics
+                diverged = r.info.status == "FAILED"
+                row["status"] = "diverged" if diverged else "ok"
+                for k in METRICS:
+                    row[k] = math.nan if diverged else m.get(k, math.nan)
+                row["guard"] = ";".join(sorted(k[len("mode_guard."):] for k in tags if k.startswith("mode_guard.")))
+                row["seconds"] = ((r.info.end_time or 0) - (r.info.start_time or 0)) / 1000
+                if arm.scored == "checkpoint":
+                    for k, v in m.items():
+                        if k.startswith(("mcnemar/", "cost/", "control/")) or k.endswith(
+                                ("/seconds", "/autograd_mb", "/peak_mem_mb")):
+                            row[k] = v
+                else:
+                    hist = {k: history(client, r.info.run_id, k) for k in HISTORY}
+                    row["history"] = hist
+                    # Timings: the best epoch of the run (noise on a shared machine only adds time);
+                    # memory: the largest.
+                    for k, how in (("time/train_epoch_s", "min"), ("val/seconds", "min"),
+                                   ("val/autograd_mb", "max"), ("val/peak_mem_mb", "max")):
+                        vals = hist.get(k) or history(client, r.info.run_id, k)
+                        row[f"{how}:{k}"] = float(getattr(pd.Series(vals[1], dtype=float), how)()) \
+                            if vals and vals[1] else math.nan
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def reuse(done: dict, arm: str, seed: int, spec: Spec) -> bool:
+    """Whether (arm, seed) is already done; a run made from another spec is refused, not reused."""
+    r = done.get((arm, seed))
+    if r is None:
+        return False
+    if r.data.tags.get("spec_hash") != spec.hash():
+        raise UserError(f"--resume: run {r.info.run_id} (arm {arm}, seed {seed}) was made from a different "
+                        f"spec; start a new ablation instead of resuming this one")
+    return True

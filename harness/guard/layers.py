@@ -1,0 +1,18 @@
+"""Which layers behave differently in training and evaluation mode: the modules the guard watches and
+the mode policies (``harness.core.modes``) act on."""
+from __future__ import annotations
+
+from torch import nn
+
+
+def is_stochastic(m: nn.Module) -> bool:
+    """Dropout and custom layers that flag themselves ``mode_dependent`` (e.g. GaussianNoise)."""
+    return isinstance(m, nn.modules.dropout._DropoutNd) or bool(getattr(m, "mode_dependent", False))
+
+
+def is_batchnorm(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._BatchNorm)
+
+
+def is_mode_sensitive(m: nn.Module) -> bool:
+    return is_stochastic(m) or is_batchnorm(m)

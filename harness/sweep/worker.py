@@ -1,0 +1,243 @@
+"""The worker loop of a sweep: reserve a trial, run it as a child MLflow run, report each epoch to the
+pruner, tell Optuna; and what happens to the trials of workers that died.
+
+How a trial ends, in Optuna and in MLflow:
+
+=====================  ================  ===========================================================
+what happened          Optuna state      MLflow run
+=====================  ================  ===========================================================
+trained every epoch    COMPLETE          FINISHED
+pruned                 PRUNED            FINISHED, tag ``stopped_early``, partial curves
+diverged (NaN loss)    PRUNED            FAILED, tag ``failure_reason`` (the sampler learns from it)
+crashed (exception)    FAIL              FAILED
+Ctrl-C / SIGTERM       FAIL              KILLED
+worker SIGKILLed       FAIL (next start  KILLED (by the next start or the RDB heartbeat)
+                       or heartbeat)
+tracking server gone   FAIL, queued      FAILED (by the next start: the sweep stops with one line)
+=====================  ================  ===========================================================
+
+Every child run has the tag ``optuna.state`` with the final Optuna state, and the trial the user
+attributes ``mlflow_run_id``, ``epochs``, ``seconds`` and ``failure_reason``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from harness.errors import TrackingServerGone, UserError
+from harness.spec import Spec
+from harness.sweep import parent
+from harness.sweep import storage as sto
+from harness.sweep import study as st
+from harness.sweep.context import Context
+
+log = logging.getLogger("harness.sweep")
+
+MAX_CONSECUTIVE_FAILURES = 3  # crashes (not divergence) in a row: a bug, not bad luck; stop the worker
+
+
+def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:
+    """A trial whose worker died (found by pid here, or by the RDB heartbeat): its MLflow run ends
+    KILLED and its params are queued again (a killed trial says nothing about its params)."""
+    # Heartbeat-stale trials are FAIL already and can take no attribute: the reason goes to MLflow.
+    reason = trial.user_attrs.get("failure_reason") or "stale: its worker stopped sending heartbeats"
+    run_id = parent.find_trial_run(study.study_name, trial)
+    if run_id:
+        parent.end_run(run_id, "KILLED", {"optuna.state": "FAIL", "failure_reason": reason})
+    st.retry(study, trial)
+    log.warning("trial %d was left RUNNING (%s): marked FAIL%s, queued again with the same params",
+                trial.number, reason, f", its MLflow run {run_id} KILLED" if run_id else "")
+
+
+def retry_failed_trials(ctx: Context) -> int:
+    """--retry-failed: queue the params of every FAIL trial not queued before; how many."""
+    return sum(st.retry(ctx.study, t)
+               for t in ctx.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+
+
+def cleanup_stale(ctx: Context) -> None:
+    """At start: fail the RUNNING trials of dead local workers (and heartbeat-stale ones), then end
+    the MLflow runs still RUNNING of trials that are over."""
+    with ctx.lock():
+        for t in st.stale_trials(ctx.study):
+            if st.fail_trial(ctx.study, t, st.stale_reason(t)):
+                on_stale(ctx.study, ctx.study._storage.get_trial(t._trial_id))
+        st.fail_heartbeat_stale(ctx.study)
+    parent.end_orphan_runs(ctx)
+
+
+@dataclass
+class Outcome:
+    state: TrialState
+    value: float | None
+    epochs: int
+    seconds: float
+    run_id: str | None
+    reason: str = ""
+
+
+def run_worker(ctx: Context, on_trial: Callable[[FrozenTrial, Outcome], None] | None = None) -> int:
+    """Run trials until the study has ``n_trials`` (or --timeout). Exit status: 0, or 1 after
+    :data:`MAX_CONSECUTIVE_FAILURES` crashes in a row."""
+    worker = st.this_worker(ctx.label)
+    t0 = time.monotonic()
+    failures = 0
+    while ctx.timeout is None or time.monotonic() - t0 < ctx.timeout:
+        trial = st.reserve(ctx.study, ctx.space, ctx.n_trials, ctx.lock, worker, on_stale)
+        if trial is None:
+            break
+        outcome = run_trial(ctx, trial)
+        frozen = ctx.study._storage.get_trial(trial._trial_id)
+        if on_trial is not None:
+            on_trial(frozen, outcome)
+        failures = failures + 1 if outcome.state == TrialState.FAIL else 0
+        if failures >= MAX_CONSECUTIVE_FAILURES:
+            log.error("%d trials in a row failed (last: %s); stopping this worker", failures,
+                      outcome.reason)
+            return 1
+    return 0
+
+
+def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
+    """Train one trial as a child MLflow run; report each epoch to the pruner; tell Optuna."""
+    from harness.core.loop import Diverged, Stopped
+    from harness.run import run
+    from harness.tracking.mlflow_tracker import MlflowTracker
+
+    metric, n = ctx.spec.search.metric, trial.number
+    tags = {"optuna.study": ctx.study_name, "optuna.trial_number": n, "optuna.state": "RUNNING",
+            "optuna.storage": sto.optuna_storage_display(ctx.storage_url)}
+    last_epoch = int(trial.params.get("train.epochs", ctx.spec.train.epochs))
+    seen: dict[str, Any] = {"epochs": 0}
+    tracker: MlflowTracker | None = None
+
+    def on_epoch(epoch: int, metrics: dict) -> None:
+        if seen["epochs"] == 0:
+            trial.set_user_attr("mlflow_run_id", tracker.run_id)
+        seen["epochs"] = epoch
+        if metric not in metrics:
+            raise UserError(f"search.metric {metric!r} is not a per-epoch metric of this run; "
+                            f"choose one of {sorted(k for k in metrics if '/' in k)}")
+        value = float(metrics[metric])
+        if not math.isfinite(value):
+            raise Diverged(f"{metric} is {value} at epoch {epoch}")
+        trial.report(value, epoch)
+        # The last epoch is never pruned: it is already paid for, and a whole curve teaches more.
+        if epoch < last_epoch and trial.should_prune():
+            raise Stopped(f"pruned by the {ctx.pruner} pruner at epoch {epoch}")
+
+    t0 = time.perf_counter()
+    state, value, reason = TrialState.FAIL, None, ""
+    retry_params = False
+    interrupted: BaseException | None = None
+    beat = _Heartbeat(ctx.study, trial)
+    try:
+        spec = ctx.spec.with_overrides(trial.params)
+        tracker = MlflowTracker()
+        result = run(spec, tracker=tracker, run_name=f"trial-{n}", parent_run_id=ctx.parent_run_id,
+                     tags=tags, on_epoch=on_epoch, progress=False, data=_data(ctx, spec),
+                     system_metrics=False)
+        value = float(result.metrics[metric])
+        if math.isfinite(value):
+            state = TrialState.COMPLETE
+        else:
+            state, reason = TrialState.PRUNED, f"diverged: {metric} is {value}"
+    except Stopped as e:
+        state, reason = TrialState.PRUNED, str(e)
+    except Diverged as e:
+        state, reason = TrialState.PRUNED, f"diverged: {e}"
+    except TrackingServerGone as e:
+        # The tracking server is gone: tell Optuna (its own storage), queue the params again and stop
+        # with one line; the next start ends this trial's MLflow run (end_orphan_runs).
+        reason, retry_params, interrupted = f"StoreError: {e}", True, e
+    except UserError as e:
+        reason = f"{type(e).__name__}: {e}"
+        interrupted = e  # the same mistake would fail every trial: stop the sweep with one line
+    except KeyboardInterrupt as e:
+        reason = "interrupted"
+        interrupted = e
+    except Exception as e:  # a crash in one trial (e.g. out of memory) must not end the sweep
+        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        if _store_busy(e):
+            # SQLite's lock held past MLflow's 20 s busy timeout: not the params' fault, run them again.
+            retry_params = True
+            log.warning("trial %d: the MLflow store was busy (%s); its params are queued again", n, e)
+        else:
+            log.error("trial %d crashed:\n%s", n, traceback.format_exc())
+    finally:
+        beat.stop()
+    seconds = time.perf_counter() - t0
+    mlflow_gone = isinstance(interrupted, TrackingServerGone)
+    run_id = tracker.run_id if tracker is not None else None
+    try:
+        for key, v in {"mlflow_run_id": run_id or "", "epochs": seen["epochs"],
+                       "seconds": round(seconds, 2), "failure_reason": reason}.items():
+            trial.set_user_attr(key, v)
+        ctx.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError) as e:
+        # Another process failed this trial as stale while it ran (a heartbeat lost to a long stall).
+        log.warning("trial %d could not be told %s (%s); its MLflow run keeps the result",
+                    n, state.name, str(e).splitlines()[0])
+        state = ctx.study._storage.get_trial(trial._trial_id).state
+    if run_id and not mlflow_gone:
+        parent.end_run(run_id, "KILLED" if reason == "interrupted" else None,
+                       {"optuna.state": state.name, "failure_reason": reason})
+    if state == TrialState.FAIL and (retry_params or reason == "interrupted"):
+        # Interrupted (Ctrl-C, SIGTERM) or the store was busy: nothing was learned about the params.
+        st.retry(ctx.study, ctx.study._storage.get_trial(trial._trial_id))
+    if interrupted is not None:
+        raise interrupted
+    return Outcome(state, value if state == TrialState.COMPLETE else None, seen["epochs"], seconds,
+                   run_id, reason)
+
+
+def _store_busy(e: BaseException) -> bool:
+    text = f"{e} {e.__cause__ or ''}".lower()
+    return "database is locked" in text or "database table is locked" in text
+
+
+def _data(ctx: Context, spec: Spec):
+    """Trials that share the data settings share the loaded data (one load per worker)."""
+    from harness.core.data import load_data
+    from harness.core.device import resolve_device
+
+    key = (spec.data.model_dump_json(), spec.seed, spec.train.device)
+    if key not in ctx._data:
+        ctx._data.clear()
+        ctx._data[key] = load_data(spec.data, spec.seed, resolve_device(spec.train.device))
+    return ctx._data[key]
+
+
+class _Heartbeat:
+    """Optuna's heartbeat for RDB storages during an ask-and-tell trial (optimize() does it itself)."""
+
+    def __init__(self, study: optuna.Study, trial: optuna.Trial):
+        storage = study._storage
+        interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+        self._stop = threading.Event()
+        self._thread = None
+        if interval:
+            def beat() -> None:
+                while True:
+                    try:
+                        storage.record_heartbeat(trial._trial_id)
+                    except Exception as e:  # a dropped connection: keep trying, the trial goes on
+                        log.warning("heartbeat for trial %d failed: %s", trial.number, e)
+                    if self._stop.wait(interval):
+                        return
+
+            self._thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{trial.number}")
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

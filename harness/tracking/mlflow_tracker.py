@@ -1,0 +1,194 @@
+"""The MLflow tracker: one MLflow run's life (start, final status, a tracking server that goes away) and
+everything logged to it, batched.
+
+Metrics are buffered and sent with ``log_batch`` when :meth:`MlflowTracker.flush` is called (the run
+flushes once per epoch): one synchronous ``log_metric`` costs ~10 ms on SQLite and ~45 ms against a
+server.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+from harness.cli import sigterm_as_interrupt, temp_env
+from harness.core.loop import Diverged, Stopped
+from harness.errors import UserError
+from harness.tracking import store
+from harness.tracking.tracker import final_status
+
+log = logging.getLogger("harness.tracking")
+
+
+class MlflowTracker:
+    """Logs to one MLflow run through ``MlflowClient.log_batch`` (chunked to MLflow's limits).
+
+    ``MlflowTracker(run_id)`` refers to an existing run (to resume it, or to log to it without
+    starting it); ``start()`` opens a new run (or resumes ``run_id``) as MLflow's active run."""
+
+    MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100
+
+    def __init__(self, run_id: str | None = None):
+        from mlflow import MlflowClient
+
+        store.setup_mlflow()
+        self.run_id = run_id
+        self.client = MlflowClient()
+        self._metrics: list = []
+
+    # -- the run's life --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def start(self, *, experiment: str, run_name: str | None = None, parent_run_id: str | None = None,
+              tags: dict | None = None, resume: bool = False,
+              system_metrics: bool | None = None) -> Iterator["MlflowTracker"]:
+        """The run as MLflow's active run, always ended in a final state: FINISHED (also when stopped
+        on purpose), FAILED on an exception, KILLED on Ctrl-C or SIGTERM. Never left RUNNING, short of
+        SIGKILL (a sweep's next start or ``--resume`` mends that) or a tracking server that is gone
+        (the run stays RUNNING there for ``--resume``; the error says so in one line).
+
+        ``system_metrics`` None: on unless ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false``."""
+        import mlflow
+
+        if system_metrics is None:
+            system_metrics = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").lower() != "false"
+        with _server_gone_is_clear(self), sigterm_as_interrupt():
+            active = mlflow.start_run(
+                run_id=self.run_id if resume else None,
+                experiment_id=None if resume else store.experiment_id(experiment),
+                run_name=None if resume else run_name, parent_run_id=parent_run_id,
+                nested=parent_run_id is not None,
+                tags=None if resume else {k: str(v) for k, v in (tags or {}).items()},
+                log_system_metrics=system_metrics)
+            self.run_id = active.info.run_id
+            error: BaseException | None = None
+            try:
+                yield self
+            except BaseException as e:
+                error = e
+                raise
+            finally:
+                _end_run(final_status(error))
+
+    # -- logging ---------------------------------------------------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_str(v)) for k, v in params.items()]
+        for i in range(0, len(items), self.MAX_PARAMS):
+            self.client.log_batch(self.run_id, params=items[i:i + self.MAX_PARAMS], synchronous=True)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self._metrics.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
+        if len(self._metrics) >= 10 * self.MAX_METRICS:  # bound the buffer on very long epochs
+            self.flush()
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), self.MAX_TAGS):
+            self.client.log_batch(self.run_id, tags=items[i:i + self.MAX_TAGS], synchronous=True)
+
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        self.log_text(json.dumps(data, indent=2, sort_keys=True, default=str), artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    def flush(self) -> None:
+        pending, self._metrics = self._metrics, []
+        for i in range(0, len(pending), self.MAX_METRICS):
+            self.client.log_batch(self.run_id, metrics=pending[i:i + self.MAX_METRICS], synchronous=True)
+
+    def reachable(self) -> bool:
+        """False when the tracking server is gone: logging more would retry for minutes, then fail."""
+        return not store.tracking_server_down()
+
+    def log_dataset(self, x, y, *, name: str, source: str, context: str) -> None:
+        """A sample of the data as the run's MLflow dataset input (a nicety: never fails the run)."""
+        import mlflow
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "the source can be interpreted in multiple ways"
+                ds = mlflow.data.from_numpy(x, targets=y, name=name, source=source)
+            mlflow.log_input(ds, context=context)
+        except Exception as e:
+            log.debug("dataset input not logged: %s", e)
+
+    def log_model(self, model, input_example) -> None:
+        """The final model as a LoggedModel (pickle format: MLflow 3's default pt2 export needs more)."""
+        import mlflow
+        import torch
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # Explicit requirements: MLflow's inference of them imports the model in a subprocess (~6 s).
+            mlflow.pytorch.log_model(model, name="model", input_example=input_example,
+                                     serialization_format="pickle",
+                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
+    def download_artifact(self, artifact_path: str, dst_dir: str | Path) -> Path:
+        """One artifact of this run into ``dst_dir`` (no progress bar: a refusal stays one line)."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        try:
+            with temp_env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
+                return Path(mlflow.artifacts.download_artifacts(
+                    run_id=self.run_id, artifact_path=artifact_path, dst_path=str(dst_dir)))
+        except MlflowException as e:
+            raise UserError(f"run {self.run_id}: no {artifact_path} in it "
+                            f"({str(e).splitlines()[0][:100]})") from None
+
+
+def _param_str(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return json.dumps(list(v))
+    return str(v)
+
+
+def _end_run(status: str) -> None:
+    """``mlflow.end_run``; when a failed run's tracking server is gone, end it here at once (the
+    server keeps it RUNNING until ``--resume``) instead of retrying for minutes over the first error."""
+    import mlflow
+
+    if status != "FINISHED" and store.tracking_server_down():
+        with temp_env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5"):
+            try:
+                mlflow.end_run(status)
+            except Exception:  # the run is off this process's stack; the server could not be told
+                pass
+        return
+    mlflow.end_run(status)
+
+
+@contextlib.contextmanager
+def _server_gone_is_clear(tracker: MlflowTracker) -> Iterator[None]:
+    """A run whose tracking server stopped answering (after MLflow's own retries, ~4 min by default:
+    a server back within that window is not noticed) ends with one clear
+    :class:`~harness.errors.TrackingServerGone`."""
+    try:
+        yield
+    except (UserError, Stopped, Diverged):
+        raise
+    except Exception as e:
+        if not store.tracking_server_down():
+            raise
+        if tracker.run_id is None:
+            raise store.server_gone_error("before the run started") from e
+        raise store.server_gone_error(
+            f"during run {tracker.run_id} (what it logged before is kept there)",
+            then=f"continue it with --resume {tracker.run_id} (a sweep: run the same command "
+                 f"again)") from e
