@@ -170,6 +170,25 @@ def test_count_is_the_number_of_flagged_modules_per_epoch():
     assert reports[0]["findings"] == {"missing_zero_grad": ["optimizer"]}
 
 
+@pytest.mark.parametrize("action", ["warn", "raise"])
+def test_a_no_zero_grad_run_that_diverges_in_its_first_epoch_is_flagged(action):
+    """The NaN raises out of the training phase; the phase's checks still run, and the run's own
+    exception (not a ModeGuardError) is what the caller sees."""
+    from harness.core.loop import Diverged
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=1e6)
+    guard = ModeGuard(model, action=action)
+    with pytest.raises(Diverged):
+        train_one_epoch(model, batches(n=8), opt, DEVICE, policy=get_policy("no_zero_grad"),
+                        guard=guard, log_every=4)
+    assert guard.summary() == {"missing_zero_grad": ["optimizer"]}
+    guard = ModeGuard(make_model(), action=action)  # a clean phase that fails: nothing to report
+    with pytest.raises(KeyboardInterrupt), guard.phase("train"):
+        raise KeyboardInterrupt
+    assert guard.summary() == {}
+
+
 def test_raise_stops_at_the_first_finding():
     with pytest.raises(ModeGuardError) as info:
         guarded_run(get_policy("no_eval"), action="raise")

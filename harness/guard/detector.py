@@ -114,15 +114,26 @@ class ModeGuard:
         before = self._bn_state() if name != TRAIN else None
         try:
             yield
-        finally:
+        except BaseException:
+            # A run that dies in the phase (a NaN loss, Ctrl-C) still gets the phase's findings: a
+            # missing zero_grad is what makes a loss diverge. The phase's own exception goes on as it was.
             self._phase = None
+            with contextlib.suppress(Exception):
+                self._end_phase(name, before, quiet=True)
+            raise
+        self._phase = None
+        self._end_phase(name, before)
+
+    def _end_phase(self, name: str, before, quiet: bool = False) -> None:
+        """The end-of-phase checks: BatchNorm statistics after an evaluation, gradients carried over
+        in a training phase. ``quiet``: record the findings, never raise them (the phase failed)."""
         if before is not None:
             changed = [n for (n, bn), (count, mean) in zip(self._bns, before)
                        if not torch.equal(bn.num_batches_tracked, count)
                        or not torch.equal(bn.running_mean, mean)]
-            self._found("bn_stats_changed_in_eval", changed)
+            self._found("bn_stats_changed_in_eval", changed, quiet)
         if name == TRAIN and self._carried is not None and bool(self._carried):  # one sync per phase
-            self._found("missing_zero_grad", ["optimizer"])
+            self._found("missing_zero_grad", ["optimizer"], quiet)
         self._carried = None
 
     def _pre_forward(self, module: nn.Module, args) -> None:
@@ -159,7 +170,7 @@ class ModeGuard:
     def _bn_state(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(bn.num_batches_tracked.clone(), bn.running_mean.clone()) for _, bn in self._bns]
 
-    def _found(self, kind: str, modules: list[str]) -> None:
+    def _found(self, kind: str, modules: list[str], quiet: bool = False) -> None:
         seen = self._epoch_findings[kind]
         new = [m for m in modules if m not in seen]
         if not new:
@@ -168,7 +179,7 @@ class ModeGuard:
         seen.update(new)
         self.findings[kind].update(new)
         msg = f"mode guard: {FINDINGS[kind]}: {', '.join(sorted(new))}"
-        if self.action == "raise":
+        if self.action == "raise" and not quiet:
             raise ModeGuardError(f"{msg} [guard=raise; guard=warn only logs it]", kind, new)
         if first_time:
             log.warning(msg)
