@@ -30,11 +30,13 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.plan import Ablation, load_ablation
-from analysis.report import analyse, display_table, finite, write_report
+from analysis.effects import analyse, finite
+from analysis.report import display_table, write_report
 from analysis.runs import collect, existing_children, report_dir, reuse
 from analysis.scoring import run_scoring
 from analysis.training import run_training
 from harness.cli import positive_int
+from harness.core.device import threads_for
 from harness.errors import UserError
 
 log = logging.getLogger("analysis.ablation")
@@ -70,6 +72,10 @@ def _run_ablation(ab: Ablation, *, workers, out, resume, echo) -> AblationResult
 
     t0 = time.perf_counter()
     workers = workers or ab.spec.workers
+    if workers > 1 and ab.base.train.threads is None:
+        ab = ab.with_threads(threads_for(workers))
+        echo(f"{workers} workers: every run uses train.threads={ab.base.train.threads} (a param of each "
+             f"run: harness.train with that override reproduces it)")
     store.setup_mlflow()
     exp_id = store.experiment_id(ab.experiment)
     parent_tags = {"ablation": ab.spec.name, "ablation.role": "parent"}

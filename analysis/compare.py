@@ -1,8 +1,8 @@
 """python -m analysis.compare --experiment NAME [--group-by KEY[,KEY]] [--metric val/acc] [--out DIR]
 
-Pulls the experiment's finished runs from MLflow (``mlflow.search_runs``) into pandas, groups them by
+Pulls the experiment's finished (and diverged) runs from MLflow (``mlflow.search_runs``) into pandas, groups them by
 params or tags, prints mean, std, n and the best run per group, and writes ``compare.csv``,
-``compare.md``, ``runs.csv`` and ``curves.png`` (learning curves per group) to ``--out``
+``compare.md``, ``compare_runs.csv`` and ``compare_curves.png`` (learning curves per group) to ``--out``
 (default ``reports/<experiment>/``).
 """
 from __future__ import annotations
@@ -24,11 +24,15 @@ def default_direction(metric: str) -> str:
     return "min" if "loss" in metric or metric.endswith(("seconds", "_s", "_mb")) else "max"
 
 
-def load_runs(experiment: str, metric: str, *, filter_string: str = "", statuses: Sequence[str] = ("FINISHED",),
+def load_runs(experiment: str, metric: str, *, filter_string: str = "",
               include_stopped: bool = False) -> pd.DataFrame:
-    """The experiment's runs that logged ``metric`` (its last value), with params and tags columns.
-    Runs stopped early (pruned trials) are left out unless ``include_stopped``: their last value is
-    from an earlier epoch than everyone else's."""
+    """The experiment's finished runs with ``metric`` (its last value), with params and tags columns.
+
+    Runs that diverged count, scored as what they measured when they stopped (chance-level accuracy
+    when their weights were no longer finite; column ``diverged``); a diverged run's non-finite loss
+    cannot be averaged and is left out, and so are runs that crashed, were killed or still run — the
+    table's ``left out`` attribute counts each. Runs stopped early (pruned trials) are left out unless
+    ``include_stopped``: their last value is from an earlier epoch than everyone else's."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -47,14 +51,27 @@ def load_runs(experiment: str, metric: str, *, filter_string: str = "", statuses
         available = sorted(c[len("metrics."):] for c in df.columns if c.startswith("metrics."))
         raise UserError(f"--metric {metric}: no run in experiment {experiment!r} logged it "
                         f"(metrics: {', '.join(available) or 'none'})")
-    if statuses:
-        df = df[df["status"].isin(statuses)]
+    reason = df["tags.failure_reason"].fillna("") if "tags.failure_reason" in df else pd.Series("", index=df.index)
+    df["diverged"] = (df["status"] == "FAILED") & reason.str.startswith("diverged")
+    left_out = df.loc[~((df["status"] == "FINISHED") | df["diverged"]), "status"].value_counts().to_dict()
+    df = df[(df["status"] == "FINISHED") | df["diverged"]].copy()
     if not include_stopped and "tags.stopped_early" in df.columns:
-        df = df[df["tags.stopped_early"].isna()]
-    df = df[df[col].notna()].copy()
+        stopped = df["tags.stopped_early"].notna()
+        left_out["stopped early"] = int(stopped.sum())
+        df = df[~stopped]
+    if metric.endswith("/acc"):
+        classes = pd.to_numeric(df.get("params.data.num_classes", pd.Series(index=df.index, dtype=float)),
+                                errors="coerce").fillna(10)
+        chance = df["diverged"] & df[col].isna()
+        df.loc[chance, col] = 1.0 / classes[chance]
+    missing = df[col].isna()
+    if missing.any():
+        left_out[f"no finite {metric}"] = int(missing.sum())
+    df = df[~missing].reset_index(drop=True)
     if df.empty:
-        raise UserError(f"experiment {experiment!r}: no {'/'.join(statuses) or 'any'} run logged {metric}")
-    return df.reset_index(drop=True)
+        raise UserError(f"experiment {experiment!r}: no finished or diverged run logged {metric}")
+    df.attrs["left out"] = {k: int(v) for k, v in left_out.items() if v}
+    return df
 
 
 def resolve_keys(df: pd.DataFrame, keys: Sequence[str]) -> list[str]:
@@ -87,6 +104,7 @@ def summarize_groups(df: pd.DataFrame, metric: str, by: Sequence[str], direction
         work["tags.mlflow.runName"] = ""
     groups = work.groupby(keys, sort=False, dropna=False)
     table = groups[col].agg(n="size", mean="mean", std="std", min="min", max="max")
+    table["diverged"] = groups["diverged"].sum().astype(int) if "diverged" in work else 0
     best = work.loc[groups[col].idxmax() if direction == "max" else groups[col].idxmin()].set_index(keys)
     table["best"] = best[col]
     table["best_run_id"] = best["run_id"]
@@ -113,10 +131,13 @@ def compare(experiment: str, *, group_by: Sequence[str] = (), metric: str = "val
     # Named apart from an ablation's report files, which share the folder of the experiment.
     files = {"csv": out / "compare.csv", "md": out / "compare.md", "runs": out / "compare_runs.csv"}
     table.to_csv(files["csv"], index=False)
-    keep = ["run_id", "tags.mlflow.runName", "status", f"metrics.{metric}", *by]
+    keep = ["run_id", "tags.mlflow.runName", "status", "diverged", f"metrics.{metric}", *by]
     df[[c for c in dict.fromkeys(keep) if c in df.columns]].to_csv(files["runs"], index=False)
     title = f"{experiment}: {metric} by {', '.join(group_by) or 'all runs'} ({direction} is best)"
-    files["md"].write_text(f"# {title}\n\n{len(df)} runs from {mask_url(tracking_uri())}\n\n"
+    left = df.attrs.get("left out", {})
+    note = "; left out: " + ", ".join(f"{n} {why}" for why, n in left.items()) if left else ""
+    files["md"].write_text(f"# {title}\n\n{len(df)} runs from {mask_url(tracking_uri())} (diverged runs "
+                           f"count, scored as measured){note}\n\n"
                            f"{table.to_markdown(index=False, floatfmt='.4f')}\n"
                            + ("\n![learning curves](compare_curves.png)\n" if plot else ""))
     if plot:
@@ -128,7 +149,7 @@ def compare(experiment: str, *, group_by: Sequence[str] = (), metric: str = "val
             groups.setdefault(name, []).append(hist[row["run_id"]])
         files["png"] = plot_curves([(metric, groups)], out / "compare_curves.png", title=title,
                                    xlabel="step")
-    return {"table": table, "runs": df, "files": files, "title": title}
+    return {"table": table, "runs": df, "files": files, "title": title, "left out": left}
 
 
 def _val(v) -> str:
@@ -169,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                                "display.float_format", "{:.4f}".format):
             print(res["title"])
             print(table.drop(columns=["best_run_name"]).to_string(index=False))
+        if res["left out"]:
+            print("left out: " + ", ".join(f"{n} {why}" for why, n in res["left out"].items()))
         for kind, path in res["files"].items():
             print(f"wrote {path}")
     return 0

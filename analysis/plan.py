@@ -20,7 +20,7 @@ The ablation spec::
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -94,6 +94,16 @@ class Ablation:
     def experiment(self) -> str:
         return self.spec.experiment or self.spec.name
 
+    def with_threads(self, threads: int) -> "Ablation":
+        """Every arm with ``train.threads`` set (a parallel ablation splits the cores): a setting
+        that changes float summation order, so it goes into the specs, their params and hashes,
+        where ``harness.train`` can reproduce it; a spec that sets its own threads keeps them."""
+        if self.base.train.threads is not None:
+            return self
+        arms = {n: replace(a, spec=a.spec.with_overrides({"train.threads": threads}))
+                for n, a in self.arms.items()}
+        return replace(self, base=self.base.with_overrides({"train.threads": threads}), arms=arms)
+
     def arm_spec(self, arm: str, seed: int) -> Spec:
         return self.arms[arm].spec.with_overrides({"seed": seed, "name": self.experiment})
 
@@ -127,11 +137,7 @@ def load_ablation(path: str | Path, overrides: list[str] | dict | None = None, *
     if not base_path.is_file():
         raise SpecError(f"{p}: base: experiment spec {ab.base!r} not found (relative to {p.parent})")
     base = load_spec(base_path, {**ab.overrides, **_as_dict(overrides)})
-    base = base.with_overrides(FORCED)
-    if base.train.threads is None:
-        # One torch thread per run unless the spec says otherwise: small models gain nothing from more,
-        # and on shared cores a multi-threaded run slows down ten-fold when a neighbour is busy.
-        base = base.with_overrides({"train.threads": 1})
+    base = base.with_overrides(FORCED)  # none of these changes a number the runs measure
 
     arm_specs = list(ab.arms)
     if ab.control not in {a.name for a in arm_specs}:

@@ -81,8 +81,11 @@ def plot_effects(rows: Sequence[dict], path: str | Path, *, metrics: Sequence[st
             color = "C0" if row.get("style") == "train" else "C1"
             if math.isfinite(lo) and math.isfinite(hi):
                 ax.errorbar(mean, yi, xerr=[[mean - lo], [hi - mean]], fmt="o", color=color, capsize=3)
-            else:
+            else:  # too few seeds for the level: the interval is the whole axis, and says so
                 ax.plot(mean, yi, "o", color=color)
+                ax.axhline(yi, color=color, lw=0.8, ls=":")
+                ax.annotate("CI unbounded (too few seeds)", (mean, yi), textcoords="offset points",
+                            xytext=(0, -10), ha="center", fontsize=7, color=color)
             ax.annotate(f"{mean:+.3f}", (mean, yi), textcoords="offset points", xytext=(0, 6),
                         ha="center", fontsize=7, color=color)
         ax.axvline(0, color="black", lw=0.8)

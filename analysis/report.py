@@ -1,107 +1,20 @@
-"""The per-arm summary of an ablation (``analysis.ablation``) and its report.
-
-``analyse`` turns the runs (one row per arm x seed) into one row per arm: mean ± std of every metric, the
-paired difference from the control (``analysis.stats``), McNemar counts, the mode guard's verdict and
-the costs; ``display_table`` and ``loss_table`` are that table as text, and ``write_report`` writes
-``report.md``, ``arms.csv``, ``runs.csv``, ``effects.png`` and ``curves.png``.
-"""
+"""The report of an ablation (``analysis.ablation``): the per-arm table (``analysis.effects``) as text,
+and the files ``report.md``, ``arms.csv``, ``runs.csv``, ``effects.png`` and ``curves.png``."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import pandas as pd
 
 from analysis import stats
+from analysis.effects import finite
+from analysis.exact_tests import reach_note
 from analysis.runs import METRICS
-from harness.core.modes import POLICIES
 
 if TYPE_CHECKING:
-    from analysis.plan import Ablation, Arm
-
-
-# -- analysing -------------------------------------------------------------------------------------
-
-def analyse(ab: Ablation, runs: pd.DataFrame) -> pd.DataFrame:
-    """Per arm: mean ± std of every metric, the paired difference from its control (bootstrap CI,
-    paired t and Wilcoxon p, d_z), McNemar over examples (checkpoint arms), guard verdict, costs."""
-    rows = []
-    for arm in ab.arms.values():
-        mine = runs[runs["arm"] == arm.name].set_index("seed")
-        row: dict[str, Any] = {"arm": arm.name, "scored": arm.scored, "control": arm.control or "",
-                               "mode_bug": arm.spec.mode_bug, "note": arm.note,
-                               "n": int((mine["status"] == "ok").sum()),
-                               "diverged": int((mine["status"] == "diverged").sum()),
-                               "missing": int((mine["status"] == "missing").sum())}
-        for k in METRICS:
-            s = stats.summarize(mine[k] if k in mine else [])
-            row[f"{k} mean"], row[f"{k} std"] = s.mean, s.std
-        if arm.control is not None:
-            ctrl = runs[runs["arm"] == arm.control].set_index("seed")
-            seeds = [s for s in ab.seeds if s in mine.index and s in ctrl.index]
-            for k in METRICS:
-                if k not in mine or k not in ctrl:
-                    continue
-                p = stats.paired_difference(mine.loc[seeds, k].to_numpy(float), ctrl.loc[seeds, k].to_numpy(float))
-                row.update({f"{k} diff": p.mean_diff, f"{k} ci_low": p.ci_low, f"{k} ci_high": p.ci_high,
-                            f"{k} p": p.p_value, f"{k} p_wilcoxon": p.p_wilcoxon, f"{k} d_z": p.d_z,
-                            f"{k} pairs": p.n})
-            row.update(_costs(arm, mine, ctrl))
-            if arm.scored == "checkpoint":
-                row.update(_mcnemar_summary(mine))
-        # the verdict
-        flagged = mine["guard"].fillna("").astype(str) if "guard" in mine else pd.Series(dtype=str)
-        finished = mine[mine["status"] != "missing"]
-        kinds = sorted({k for g in flagged for k in g.split(";") if k})
-        n_flagged = int((flagged != "").sum())
-        row["guard kinds"] = ",".join(kinds)
-        row["guard flagged"] = n_flagged
-        row["guard runs"] = len(finished)
-        expected_flag = POLICIES[arm.spec.mode_bug].expects_findings()
-        row["guard as expected"] = (n_flagged == len(finished)) if expected_flag else (n_flagged == 0)
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _costs(arm: Arm, mine: pd.DataFrame, ctrl: pd.DataFrame) -> dict:
-    out: dict[str, float] = {}
-    if arm.scored == "checkpoint":
-        a = mine.get("val/seconds", pd.Series(dtype=float)) + mine.get("test/seconds", pd.Series(dtype=float))
-        c = mine.get("cost/control_val_seconds", pd.Series(dtype=float)) + mine.get(
-            "cost/control_test_seconds", pd.Series(dtype=float))
-        out["eval time ratio"] = stats.ratio_of_medians(a.to_numpy(float), c.to_numpy(float))
-        out["train time ratio"] = math.nan
-        out["autograd MB"] = float(pd.concat([mine.get("val/autograd_mb", pd.Series(dtype=float)),
-                                              mine.get("test/autograd_mb", pd.Series(dtype=float))]).max())
-        return out
-
-    def col(df, k):
-        return df[k].to_numpy(float) if k in df else []
-
-    out["train time ratio"] = stats.ratio_of_medians(col(mine, "min:time/train_epoch_s"),
-                                                     col(ctrl, "min:time/train_epoch_s"))
-    out["eval time ratio"] = stats.ratio_of_medians(col(mine, "min:val/seconds"), col(ctrl, "min:val/seconds"))
-    vals = col(mine, "max:val/autograd_mb")
-    out["autograd MB"] = float(pd.Series(vals, dtype=float).max()) if len(vals) else math.nan
-    if "max:val/peak_mem_mb" in mine and "max:val/peak_mem_mb" in ctrl:
-        out["eval peak MB extra"] = float(mine["max:val/peak_mem_mb"].median() - ctrl["max:val/peak_mem_mb"].median())
-    return out
-
-
-def _mcnemar_summary(mine: pd.DataFrame) -> dict:
-    out = {}
-    for split in ("val", "test"):
-        b, c, p = (mine.get(f"mcnemar/{split}_{x}") for x in ("b", "c", "p"))
-        if b is None:
-            continue
-        ok = p.notna()
-        out[f"mcnemar {split} b"] = int(b[ok].sum())
-        out[f"mcnemar {split} c"] = int(c[ok].sum())
-        out[f"mcnemar {split} median p"] = float(p[ok].median()) if ok.any() else math.nan
-        out[f"mcnemar {split} significant"] = int((p[ok] < 0.05).sum())
-        out[f"mcnemar {split} seeds"] = int(ok.sum())
-    return out
+    from analysis.plan import Ablation
 
 
 # -- reporting -------------------------------------------------------------------------------------
@@ -142,26 +55,44 @@ def display_table(ab: Ablation, table: pd.DataFrame) -> pd.DataFrame:
     """The headline table, as text cells."""
     m = ab.spec.metric
     split = m.split("/")[0]
+    level = f"{table.attrs.get('confidence', 0.95):.0%}"
     rows = []
     for _, r in table.iterrows():
         paired = _paired_from_row(r, m)
-        n = f"{r['n']}" + (f" (+{r['diverged']} diverged)" if r["diverged"] else "") + (
-            f" ({r['missing']} missing)" if r["missing"] else "")
         rows.append({
             "arm": r["arm"] + (" (control)" if not r["control"] else ""),
             "scored": "checkpoint" if r["scored"] == "checkpoint" else "trained",
             "vs": r["control"] or "—",
-            "n": n,
+            "seeds": _seeds_text(r),
             "val/acc": stats.fmt_mean_std(r["val/acc mean"], r["val/acc std"]),
             "test/acc": stats.fmt_mean_std(r["test/acc mean"], r["test/acc std"]),
-            f"Δ {m} [95% CI]": stats.fmt_diff(paired) if paired else "—",
-            "p (paired t)": stats.fmt_p(paired.p_value) if paired else "—",
+            f"Δ {m} [{level} CI]": stats.fmt_diff(paired) if paired else "—",
+            "p (exact)": stats.fmt_p(paired.p_value) if paired else "—",
+            "p (Holm)": stats.fmt_p(r[f"{m} p_holm"]) if paired else "—",
             "d_z": stats.fmt_num(paired.d_z, 2) if paired else "—",
+            "detectable |Δ| ≥": _mde_text(r.get(f"{m} mde")) if paired else "—",
             f"McNemar ({split})": _mcnemar_text(r, split),
             "mode guard": _verdict(r),
             "cost": _cost(r) if r["control"] else "",
         })
     return pd.DataFrame(rows)
+
+
+def _seeds_text(r) -> str:
+    """How many seeds count, and what went badly among them (still counted)."""
+    text = str(int(r["n"]))
+    if r["diverged"]:
+        chance = f", {int(r['chance scored'])} at chance level" if r.get("chance scored") else ""
+        text += f" ({int(r['diverged'])} diverged{chance})"
+    if r["missing"]:
+        text += f" ({int(r['missing'])} missing: crashed)"
+    return text
+
+
+def _mde_text(mde) -> str:
+    if mde is None or (isinstance(mde, float) and math.isnan(mde)):
+        return "n/a"
+    return "none: too few seeds" if math.isinf(mde) else stats.fmt_num(mde, 3)
 
 
 def loss_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -172,7 +103,8 @@ def loss_table(table: pd.DataFrame) -> pd.DataFrame:
             row[k] = stats.fmt_mean_std(r[f"{k} mean"], r[f"{k} std"])
         for k in METRICS:
             p = _paired_from_row(r, k)
-            row[f"Δ {k}"] = (stats.fmt_diff(p) + f" p={stats.fmt_p(p.p_value)}") if p else "—"
+            dropped = f", {int(r[f'{k} dropped'])} diverged left out" if p and r.get(f"{k} dropped") else ""
+            row[f"Δ {k}"] = (stats.fmt_diff(p) + f" p={stats.fmt_p(p.p_value)}{dropped}") if p else "—"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -181,7 +113,33 @@ def _paired_from_row(r, k: str) -> stats.Paired | None:
     if not r.get("control") or f"{k} diff" not in r or pd.isna(r.get(f"{k} pairs")):
         return None
     return stats.Paired(int(r[f"{k} pairs"]), r[f"{k} diff"], r[f"{k} ci_low"], r[f"{k} ci_high"],
-                        r[f"{k} p"], r[f"{k} p_wilcoxon"], r[f"{k} d_z"])
+                        r[f"{k} p"], r[f"{k} p_wilcoxon"], r[f"{k} d_z"], min_p=r[f"{k} min_p"])
+
+
+def _statistics_notes(ab: Ablation, table: pd.DataFrame) -> list[str]:
+    """What the numbers mean, and what this design could not have found."""
+    m, alpha = ab.spec.metric, 1 - table.attrs.get("confidence", 0.95)
+    family = table.attrs.get("family_size", 0)
+    lines = [
+        f"Δ is arm minus control, per seed, averaged. p is the exact sign-flip permutation test over all "
+        f"2^n sign patterns of the paired differences (two-sided; it assumes nothing about their "
+        f"distribution, and is never 0: its smallest value with n seeds is 2/2^n); the CI is that test "
+        f"inverted (Hartigan's subset means), so it excludes 0 exactly when p ≤ {alpha:.2g}. p (Holm) "
+        f"adjusts p for the {family} arms compared in this ablation; the exact Wilcoxon signed-rank p and "
+        f"the paired t p are in `arms.csv`. d_z is the mean difference over the standard deviation of the "
+        f"differences (n/a when they do not vary). *Detectable |Δ| ≥* is the smallest true effect this "
+        f"design finds with 80% power at the Holm level {alpha:.2g}/{family or 1} given the observed "
+        f"spread: an arm with no significant effect has none larger than about that, not none at all.",
+        "",
+        "Every seed counts: a run that diverged is scored as what it measured when it stopped (chance-level "
+        "accuracy when its weights were no longer finite), never dropped; only a run that crashed is "
+        "missing (see Failures).",
+    ]
+    notes = {reach_note(int(n), alpha) for n in table[f"{m} pairs"].dropna()} - {""} if f"{m} pairs" in table else set()
+    if family > 1:
+        notes |= {reach_note(int(n), alpha / family) for n in table[f"{m} pairs"].dropna()} - {""}
+    lines += [f"**{n}.**" for n in sorted(notes)]
+    return lines
 
 
 def write_report(ab: Ablation, table: pd.DataFrame, runs: pd.DataFrame, out: Path, *, parent_run_id: str,
@@ -237,20 +195,19 @@ def write_report(ab: Ablation, table: pd.DataFrame, runs: pd.DataFrame, out: Pat
         "",
         f"## Effects on {ab.spec.metric}",
         "",
-        "Δ is arm minus control, per seed, averaged; the 95% CI is a bootstrap (BCa) over seeds; p is the "
-        "paired t-test (the Wilcoxon signed-rank p is in `arms.csv`); d_z is the mean difference over the "
-        "standard deviation of the differences. Arms *scored on checkpoints* change only evaluation: "
-        "they are evaluated on the control's own final checkpoint (no retraining), and McNemar's exact "
-        "test compares the two evaluations example by example (b: examples only the control gets "
-        "right, c: only the arm; counts summed over seeds, p per seed). The mode guard column is its "
-        "verdict on that arm's runs. The cost column is the ratio to the control of the median over seeds "
-        "of each run's best epoch time (trained arms) or of the best of 5 interleaved evaluations "
-        "(checkpoint arms); the autograd graph is the memory a missing `torch.no_grad()` holds per "
-        "validation batch (on CUDA, the extra peak memory).",
+        *_statistics_notes(ab, table),
+        "",
+        "Arms *scored on checkpoints* change only evaluation: they are evaluated on the control's own "
+        "final checkpoint (no retraining), and McNemar's exact test compares the two evaluations example "
+        "by example (b: examples only the control gets right, c: only the arm; counts summed over seeds, "
+        "p per seed). The mode guard column is its verdict on that arm's runs. The cost column is the "
+        "ratio to the control of the median over seeds of each run's best epoch time (trained arms) or "
+        "of the best of 5 interleaved evaluations (checkpoint arms); the autograd graph is the memory a "
+        "missing `torch.no_grad()` holds per validation batch (on CUDA, the extra peak memory).",
         "",
         shown.to_markdown(index=False),
         "",
-        "## All metrics (mean ± std; Δ vs control with 95% CI and paired-t p)",
+        "## All metrics (mean ± std; Δ vs control with its CI and exact p)",
         "",
         loss_table(table).to_markdown(index=False),
         "",
@@ -264,10 +221,3 @@ def write_report(ab: Ablation, table: pd.DataFrame, runs: pd.DataFrame, out: Pat
         lines += ["## Failures", "", *[f"- {f}" for f in failures], ""]
     files["report"].write_text("\n".join(lines) + "\n")
     return files
-
-
-def finite(x) -> bool:
-    try:
-        return x is not None and math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False

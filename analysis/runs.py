@@ -77,8 +77,7 @@ def collect(exp_id: str, parent: str, ab: Ablation) -> pd.DataFrame:
                 tags, m = r.data.tags, r.data.metrics
                 diverged = r.info.status == "FAILED"
                 row["status"] = "diverged" if diverged else "ok"
-                for k in METRICS:
-                    row[k] = math.nan if diverged else m.get(k, math.nan)
+                row.update(_final_metrics(r, diverged))
                 row["guard"] = ";".join(sorted(k[len("mode_guard."):] for k in tags if k.startswith("mode_guard.")))
                 row["seconds"] = ((r.info.end_time or 0) - (r.info.start_time or 0)) / 1000
                 if arm.scored == "checkpoint":
@@ -109,3 +108,21 @@ def reuse(done: dict, arm: str, seed: int, spec: Spec) -> bool:
         raise UserError(f"--resume: run {r.info.run_id} (arm {arm}, seed {seed}) was made from a different "
                         f"spec; start a new ablation instead of resuming this one")
     return True
+
+
+def _final_metrics(r, diverged: bool) -> dict[str, Any]:
+    """The run's final val/test metrics. A diverged run counts as what it measured when it stopped
+    (``harness.run`` scores the model it ended with); one whose weights were no longer finite predicts
+    nothing and scores chance-level accuracy. Its loss, when not finite, stays NaN: the report leaves
+    such pairs out of the loss statistics and says how many."""
+    m = r.data.metrics
+    out: dict[str, Any] = {k: m.get(k, math.nan) for k in METRICS}
+    out["chance_scored"] = False
+    if diverged:
+        chance = 1.0 / float(r.data.params.get("data.num_classes", 10))
+        for k in METRICS:
+            if k.endswith("/acc") and not math.isfinite(out[k]):
+                out[k], out["chance_scored"] = chance, True
+            elif k.endswith("/loss") and not math.isfinite(out[k]):
+                out[k] = math.nan
+    return out

@@ -9,7 +9,6 @@ import multiprocessing
 import time
 
 from analysis.scoring import child_tags
-from harness.core.device import threads_for
 from harness.spec import Spec
 
 log = logging.getLogger("analysis.ablation")
@@ -43,9 +42,7 @@ def run_training(tasks, parent: str, ab, exp_id: str, workers: int, echo) -> lis
             report(i, _train_with_retry(exp_id, *payload))
         return failures
     ctx = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state, no inherited MLflow run
-    threads = threads_for(workers)
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                initargs=(threads,)) as pool:
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
         futures = {pool.submit(_train_with_retry, exp_id, *p): i for i, p in enumerate(payloads)}
         try:
             for fut in cf.as_completed(futures):
@@ -58,12 +55,9 @@ def run_training(tasks, parent: str, ab, exp_id: str, workers: int, echo) -> lis
     return failures
 
 
-def _init_worker(threads: int) -> None:
-    import torch
-
+def _init_worker() -> None:
     from harness.cli import setup_logging
 
-    torch.set_num_threads(threads)
     setup_logging()
     logging.getLogger("harness.guard").setLevel(logging.ERROR)
 

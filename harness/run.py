@@ -4,6 +4,7 @@ checkpoints together. ``harness.train`` calls it for one run, ``harness.sweep`` 
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import subprocess
 import tempfile
@@ -142,6 +143,11 @@ def run(
             if guard is not None:  # the test phase joins the last epoch's ledger and findings
                 _log_guard(tracker, guard, guard.end_epoch(result.epochs))
                 result.guard = guard.summary()
+        except Diverged as e:
+            e.args = (_divergence_reason(e, guard),)
+            _record_failure(tracker, e)
+            _score_diverged(tracker, parts, step=len(history.get("train/loss", [])) + 1)
+            raise
         except BaseException as e:
             _record_failure(tracker, e)
             raise
@@ -157,6 +163,31 @@ def run(
             tracker.log_model(model, parts.data.example_input(2).cpu().numpy())
         result.seconds = time.perf_counter() - t0
         return result
+
+
+def _divergence_reason(e: Diverged, guard: ModeGuard | None) -> str:
+    """The loss went NaN; when the guard saw gradients carried over, that is the cause to name."""
+    if guard is not None and "missing_zero_grad" in guard.summary():
+        return (f"{e}: gradients were never cleared between steps (optimizer.zero_grad() missing: the "
+                f"mode guard found missing_zero_grad), so each step used the sum of all gradients so far")
+    return f"{e}; lower optimizer.lr"
+
+
+def _score_diverged(tracker: Tracker, parts: Parts, step: int) -> None:
+    """A diverged run is a result, not a missing one: measure the model it ended with on val and test
+    (its accuracy, whatever it is). Weights that are no longer finite predict nothing: tag them, and
+    the analysis scores such a run at chance level."""
+    if not all(torch.isfinite(p).all() for p in parts.model.parameters()):
+        tracker.set_tags({"diverged.weights": "non-finite"})
+        return
+    metrics = {}
+    for split in ("val", "test"):
+        m = evaluate(parts.model, getattr(parts.data, split), parts.device, policy=parts.policy,
+                     prefix=split)
+        metrics.update({k: v for k, v in m.items() if k in (f"{split}/acc", f"{split}/loss")})
+    tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
+    tracker.flush()
+    tracker.set_tags({"diverged.weights": "finite"})
 
 
 def _record_failure(tracker: Tracker, e: BaseException) -> None:
@@ -179,7 +210,8 @@ def _log_start(tracker: Tracker, spec: Spec, parts: Parts) -> None:
     tracker.log_params(spec.params())
     tracker.log_text(spec.to_yaml(), "spec.yaml")
     d = parts.data
-    tracker.log_params({f"data.size.{k}": v for k, v in d.sizes.items()})
+    tracker.log_params({**{f"data.size.{k}": v for k, v in d.sizes.items()},
+                        "data.num_classes": d.num_classes})
     x, y = next(iter(d.val))
     tracker.log_dataset(x[:64].cpu().numpy(), y[:64].cpu().numpy(), name=f"{d.name}-val-sample",
                         source=d.source, context="validation")

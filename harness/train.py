@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run(spec, run_name=args.run_name, resume_run_id=args.resume, progress=not args.quiet,
                          system_metrics=None)
         except Diverged as e:
-            print(f"harness.train: the run diverged and was marked FAILED: {e}; "
-                  f"lower optimizer.lr", file=sys.stderr)
+            print(f"harness.train: the run diverged and was marked FAILED: {e}", file=sys.stderr)
             return 1
         m = result.metrics
         print(f"run {result.run_id}: val/acc {m['val/acc']:.4f} (best {result.best:.4f}), "

@@ -72,7 +72,9 @@ def test_mode_bugs_plan():
     assert ab.arms["none"].control is None
     spec = ab.arm_spec("no_eval", 3)
     assert spec.seed == 3 and spec.name == ab.experiment and spec.guard == "warn"
-    assert spec.train.checkpoint and not spec.train.log_model and spec.train.threads == 1
+    assert spec.train.checkpoint and not spec.train.log_model
+    assert spec.train.threads == ab.base.train.threads  # the base's: the ablation changes no number-setting
+    assert ab.with_threads(1).arm_spec("no_eval", 3).train.threads == 1
     # paired: an arm differs from its control only in what it sets
     a, c = ab.arm_spec("train_once", 3).params(), ab.arm_spec("none", 3).params()
     assert {k for k in a if a[k] != c[k]} == {"mode_bug"}
@@ -184,11 +186,14 @@ def test_tiny_ablation_statistics(tiny):
     # no_grad_missing: trained for real, not a single number changes; the graph it builds is measured
     ngm = row(t, "no_grad_missing")
     for k in ("val/acc", "test/acc", "val/loss", "test/loss"):
-        assert ngm[f"{k} diff"] == 0 and ngm[f"{k} ci_low"] == 0 and ngm[f"{k} ci_high"] == 0
+        assert ngm[f"{k} diff"] == 0 and ngm[f"{k} p"] == 1.0
     assert ngm["autograd MB"] > 0
-    # no_zero_grad: catastrophic
+    # no_zero_grad: catastrophic, but two seeds cannot show it at 95%: the exact test's smallest p is
+    # 2/2^2, so the interval is honestly unbounded and the design could detect nothing
     nzg = row(t, "no_zero_grad")
-    assert nzg["test/acc diff"] < -0.3 and nzg["test/acc ci_high"] < 0
+    assert nzg["test/acc diff"] < -0.3 and nzg["test/acc p"] == 0.5
+    assert nzg["test/acc ci_low"] == -math.inf and nzg["test/acc ci_high"] == math.inf
+    assert nzg["test/acc mde"] == math.inf and nzg["test/acc p_holm"] == 1.0
     assert nzg["test/acc mean"] < 0.4
     # checkpoint arms: McNemar counts, seed-level stats on 2 pairs
     ne = row(t, "no_eval")
@@ -274,7 +279,7 @@ def test_compare_cli(tiny):
     assert r.returncode == 0, r.stderr
     assert "no_zero_grad" in r.stdout and "best_run_id" in r.stdout
     assert (tiny["tmp"] / "reports" / "tiny-modes" / "compare.csv").is_file()
-    assert (tiny["tmp"] / "reports" / "tiny-modes" / "curves.png").is_file()
+    assert (tiny["tmp"] / "reports" / "tiny-modes" / "compare_curves.png").is_file()
     bad = run_cli("analysis.compare", "--experiment", "nope", cwd=tiny["tmp"],
                   env={"MLFLOW_TRACKING_URI": tiny["uri"]})
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
@@ -302,3 +307,38 @@ def test_two_workers_on_sqlite(store, tmp_path):
     assert not res.failures
     assert (res.runs["status"] == "ok").all() and len(res.runs) == 10
     assert row(res.table, "no_grad_missing")["test/acc diff"] == 0
+
+
+def test_the_ablation_measures_what_harness_train_measures(tiny):
+    """Same spec and seed, same numbers: the ablation changes nothing that determines them."""
+    from harness.run import run
+    from harness.spec import load_spec
+    from harness.tracking.tracker import MemoryTracker
+
+    spec = load_spec(BASE, ["train.epochs=2", "train.sanity_check=false", "name=tiny-modes", "seed=1"])
+    alone = run(spec, tracker=MemoryTracker(), progress=False)
+    runs = tiny["result"].runs.set_index(["arm", "seed"])
+    assert runs.loc[("none", 1), "test/acc"] == alone.metrics["test/acc"]
+    assert runs.loc[("none", 1), "val/loss"] == alone.metrics["val/loss"]
+
+
+def test_a_diverging_arm_counts_every_seed_and_compare_counts_it_too(store, tmp_path):
+    ab = load_ablation(write(tmp_path, f"""
+name: diverging
+base: {BASE}
+overrides: {{train.epochs: 2, train.sanity_check: false, data.limit_train: 300}}
+seeds: 3
+arms:
+  - {{name: explode, set: {{optimizer.lr: 1.0e+6}}}}
+"""))
+    res = run_ablation(ab, echo=lambda *_: None)
+    r = row(res.table, "explode")
+    assert r["n"] == 3 and r["diverged"] == 3 and r["test/acc pairs"] == 3  # none dropped
+    runs = res.runs[res.runs["arm"] == "explode"]
+    assert runs["test/acc"].notna().all() and (runs["test/acc"] <= 0.5).all()
+    assert r["test/acc diff"] < -0.3 and r["test/acc p"] == 0.25  # 3 seeds of one sign: 2/2^3
+    report = (tmp_path / "reports" / "diverging" / "report.md").read_text()
+    assert "3 (3 diverged" in report and "cannot reach p ≤ 0.05" in report
+    out = compare("diverging", group_by=["ablation.arm"], metric="test/acc", out=tmp_path / "cmp", plot=False)
+    table = out["table"].set_index("ablation.arm")
+    assert table.loc["explode", "n"] == 3 and table.loc["explode", "diverged"] == 3
