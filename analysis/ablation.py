@@ -141,6 +141,49 @@ def _check_parent(run_id: str, ab: Ablation) -> None:
         raise UserError(f"--resume {run_id}: not the parent run of ablation {ab.spec.name!r}")
 
 
+def resume_plan(run_id: str, spec_path: str | Path) -> Ablation:
+    """The plan an ablation's parent run recorded when it started (its spec, the base spec with the
+    overrides it was given, its seeds and arms): ``--resume`` goes on with exactly that, whatever
+    overrides the first command had."""
+    import tempfile
+
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from harness.spec import load_spec
+    from harness.tracking import store
+    from harness.tracking.mlflow_tracker import MlflowTracker
+
+    store.setup_mlflow()
+    try:
+        parent = MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise UserError(f"--resume {run_id}: no such run in this store ({store.tracking_uri()})") from None
+    tags, params = parent.data.tags, parent.data.params
+    name = load_ablation_name(spec_path)
+    if tags.get("ablation.role") != "parent" or tags.get("ablation") != name:
+        raise UserError(f"--resume {run_id}: not the parent run of ablation {name!r}")
+    tracker = MlflowTracker(run_id)
+    with tempfile.TemporaryDirectory(prefix="ablation-resume-") as tmp:
+        spec_file = tracker.download_artifact("ablation/ablation_spec.yaml", tmp)
+        base = load_spec(tracker.download_artifact("ablation/base_spec.yaml", tmp))
+        return load_ablation(spec_file, base=base, seeds=json.loads(params["ablation.seeds"]),
+                             only=json.loads(params["ablation.arms"]))
+
+
+def load_ablation_name(path: str | Path) -> str:
+    """The ``name:`` of an ablation spec file (checked by load_ablation in full)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"{path}: cannot read the ablation spec ({type(e).__name__})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+        raise UserError(f"{path}: an ablation spec needs a name")
+    return raw["name"]
+
+
 @contextlib.contextmanager
 def _quiet_guard():
     """Every bug arm would warn once per run: its verdict goes to the tags and the report instead."""
@@ -195,7 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     with user_errors("analysis.ablation"):
         only = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
-        ab = load_ablation(args.spec, args.overrides, seeds=args.seeds, only=only)
+        if args.resume:
+            if args.overrides or args.seeds or only:
+                raise UserError("--resume goes on with the plan its parent run recorded: drop key=value, "
+                                "--seeds and --arms (or start a new ablation without --resume)")
+            ab = resume_plan(args.resume, args.spec)
+        else:
+            ab = load_ablation(args.spec, args.overrides, seeds=args.seeds, only=only)
         if args.dry_run:
             for a in ab.arms.values():
                 what = "control" if a.is_control else f"vs {a.control}"

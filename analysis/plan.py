@@ -108,12 +108,13 @@ class Ablation:
         return self.arms[arm].spec.with_overrides({"seed": seed, "name": self.experiment})
 
 
-def load_ablation(path: str | Path, overrides: list[str] | dict | None = None, *, seeds: int | None = None,
-                  only: Sequence[str] | None = None) -> Ablation:
+def load_ablation(path: str | Path, overrides: list[str] | dict | None = None, *,
+                  seeds: int | list[int] | None = None, only: Sequence[str] | None = None,
+                  base: Spec | None = None) -> Ablation:
     """Read and check an ablation spec: every arm's experiment spec is built and validated here, so a
     mistake stops the study before the first run. ``overrides`` apply to the base spec of every arm;
-    ``seeds`` replaces the seed list with ``range(seeds)``; ``only`` keeps those arms (and their
-    controls)."""
+    ``seeds`` replaces the seed list (a count: ``range(seeds)``); ``only`` keeps those arms (and their
+    controls); ``base``: the base spec as a resumed ablation recorded it (instead of the file's)."""
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"{p}: ablation spec not found (see experiments/ablations/)")
@@ -133,10 +134,11 @@ def load_ablation(path: str | Path, overrides: list[str] | dict | None = None, *
             msg = "unknown key"
         raise SpecError(f"{p}: {where}: {msg}") from None
 
-    base_path = (p.parent / ab.base).resolve()
-    if not base_path.is_file():
-        raise SpecError(f"{p}: base: experiment spec {ab.base!r} not found (relative to {p.parent})")
-    base = load_spec(base_path, {**ab.overrides, **_as_dict(overrides)})
+    if base is None:
+        base_path = (p.parent / ab.base).resolve()
+        if not base_path.is_file():
+            raise SpecError(f"{p}: base: experiment spec {ab.base!r} not found (relative to {p.parent})")
+        base = load_spec(base_path, {**ab.overrides, **_as_dict(overrides)})
     base = base.with_overrides(FORCED)  # none of these changes a number the runs measure
 
     arm_specs = list(ab.arms)
@@ -173,8 +175,8 @@ def load_ablation(path: str | Path, overrides: list[str] | dict | None = None, *
                 keep.add(c)
                 c = arms[c].control
         arms = {n: a for n, a in arms.items() if n in keep}
-    seed_list = list(range(seeds)) if seeds else (
-        list(range(ab.seeds)) if isinstance(ab.seeds, int) else list(ab.seeds))
+    chosen = ab.seeds if seeds is None else seeds
+    seed_list = list(range(chosen)) if isinstance(chosen, int) else list(chosen)
     return Ablation(ab, p, base, arms, seed_list)
 
 

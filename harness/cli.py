@@ -9,7 +9,7 @@ import sys
 import threading
 from typing import Iterator
 
-from harness.errors import UserError
+from harness.errors import UserError, disk_problem
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -50,6 +50,13 @@ def user_errors(prog: str) -> Iterator[None]:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except Exception as e:
+        problem = disk_problem(e)
+        if problem is None:
+            raise
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        raise SystemExit(2) from None
+
 
 
 class Terminated(KeyboardInterrupt):

@@ -6,6 +6,8 @@ raise these without pulling in pydantic, torch, MLflow or Optuna.
 """
 from __future__ import annotations
 
+import errno
+import os
 import re
 
 
@@ -22,7 +24,10 @@ class DataError(UserError):
 
 
 class CheckpointError(UserError):
-    """A checkpoint is missing, damaged, foreign or refused by ``torch.load(weights_only=True)``."""
+    """A checkpoint is missing, damaged, foreign or refused by ``torch.load(weights_only=True)``;
+    ``torn``: it was cut short (a kill mid-copy), not tampered with."""
+
+    torn = False
 
 
 class StoreError(UserError):
@@ -56,3 +61,33 @@ def mask_url(url: str) -> str:
     except (ArgumentError, ValueError):  # not a URL SQLAlchemy can parse (a path, a bare host...)
         return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", url)
     return url if parsed.password is None else parsed.render_as_string(hide_password=True)
+
+
+_DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied"}
+_SQLITE_TEXTS = {"database or disk is full": "no space left on device",
+                 "attempt to write a readonly database": "read-only database",
+                 "unable to open database file": "cannot open the database file"}
+
+
+def disk_problem(e: BaseException, database: str | None = None) -> str | None:
+    """One line for an exception a full, read-only or unwritable disk caused (anywhere in its chain:
+    MLflow and SQLAlchemy wrap them), naming the path (SQLite names no file: ``database``, by default
+    the local MLflow database); None for anything else."""
+    if database is None:
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+        database = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else "the database"
+    seen = 0
+    while e is not None and seen < 12:
+        if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
+            where = e.filename or database
+            return (f"{where}: {_DISK_ERRNOS[e.errno]}; free some space (or fix its permissions) and "
+                    f"run the same command again: what finished before is kept")
+        text = str(e).lower()
+        for needle, what in _SQLITE_TEXTS.items():
+            if needle in text:
+                return (f"{database}: {what}; free some space (or fix its permissions) and run the same "
+                        f"command again: what finished before is kept")
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None

@@ -3,44 +3,33 @@ checkpoints together. ``harness.train`` calls it for one run, ``harness.sweep`` 
 ``analysis.ablation`` for every arm and seed."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import platform
 import subprocess
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from harness.core import checkpoint as ckpt
+from harness import failpoints
 from harness.core.data import Data, load_data
 from harness.core.device import resolve_device
-from harness.core.loop import Diverged, Stopped, evaluate, sanity_check, train_one_epoch
+from harness.core.loop import Diverged, Stopped, evaluate, sanity_check
 from harness.core.models import build_model
 from harness.core.modes import Correct, get_policy
-from harness.core.rng import seed_everything, set_rng_state
+from harness.core.rng import seed_everything
+from harness.epochs import EpochCallback, MetricLog, RunResult, log_guard, train_epochs
 from harness.errors import UserError
 from harness.guard import ModeGuard, ModeGuardError
+from harness.locks import Busy, run_lock
+from harness.resume import ResumePoint, resume_point
 from harness.spec import Spec
 from harness.tracking.tracker import Tracker
 
 log = logging.getLogger("harness.run")
-
-EpochCallback = Callable[[int, dict], None]
-
-
-@dataclass
-class RunResult:
-    run_id: str
-    metrics: dict[str, float]  # the last epoch's train/val metrics and the final test/* metrics
-    history: dict[str, list[float]] = field(default_factory=dict)  # per-epoch values, 1-based
-    best: float | None = None  # best val/acc
-    epochs: int = 0
-    guard: dict[str, list[str]] = field(default_factory=dict)
-    seconds: float = 0.0
 
 
 def git_commit() -> str:
@@ -107,62 +96,92 @@ def run(
 ) -> RunResult:
     """Train and validate ``spec`` as one tracked run; returns its id and numbers.
 
-    ``tracker``: where the run is recorded (default: a new MLflow run, or the run ``resume_run_id``
-    continues from its last checkpoint). ``on_epoch(epoch, metrics)`` is called after each epoch's
-    metrics are logged; raising :class:`~harness.core.loop.Stopped` there ends the run early (its
-    curves stay). Divergence raises :class:`~harness.core.loop.Diverged` after marking the run FAILED
-    with the reason as a tag. ``system_metrics`` None: MLflow's own switch decides."""
+    ``tracker``: where the run is recorded (default: a new MLflow run, or the run ``resume_run_id``,
+    continued as :mod:`harness.resume` says). ``on_epoch(epoch, metrics)`` is called after each
+    epoch's metrics are logged; raising :class:`~harness.core.loop.Stopped` there ends the run early
+    (its curves stay). Divergence raises :class:`~harness.core.loop.Diverged` after marking the run
+    FAILED with the reason as a tag. ``system_metrics`` None: MLflow's own switch decides. Only one
+    process at a time trains a given run on a machine (a second ``--resume`` is refused)."""
     if tracker is None:
         from harness.tracking.mlflow_tracker import MlflowTracker
 
         tracker = MlflowTracker(resume_run_id)
     elif resume_run_id:
         tracker.run_id = resume_run_id
-    parts = build(spec, data=data)
-    start_epoch, best, history = 1, None, {}
-    if resume_run_id:
-        start_epoch, best, history = _restore(tracker, spec, parts)
-    base_tags = {"git_commit": git_commit(), "spec_hash": spec.hash(), "torch_version": torch.__version__,
-                 "device": str(parts.device), "host": platform.node(), "mode_bug": spec.mode_bug,
-                 **(tags or {})}
-    guard = None
-    if spec.guard != "off":
-        guard = ModeGuard(parts.model, frozen=parts.policy.frozen,
-                          allow_stochastic_eval=parts.policy.allows_stochastic_eval, action=spec.guard)
+    with contextlib.ExitStack() as held:
+        if resume_run_id:
+            held.enter_context(_only_trainer(resume_run_id))
+        parts = build(spec, data=data)
+        point = ResumePoint(start_epoch=1)
+        if resume_run_id:
+            point = resume_point(tracker, spec, parts.model, parts.optimizer)
+        guard = None
+        if spec.guard != "off":
+            guard = ModeGuard(parts.model, frozen=parts.policy.frozen,
+                              allow_stochastic_eval=parts.policy.allows_stochastic_eval, action=spec.guard)
+        base_tags = {"git_commit": git_commit(), "spec_hash": spec.hash(), "torch_version": torch.__version__,
+                     "device": str(parts.device), "host": platform.node(), "mode_bug": spec.mode_bug,
+                     **(tags or {})}
+        with tracker.start(experiment=spec.name, run_name=run_name, parent_run_id=parent_run_id,
+                           tags=base_tags, resume=bool(resume_run_id), system_metrics=system_metrics):
+            if not resume_run_id:
+                held.enter_context(_only_trainer(tracker.run_id))
+            return _tracked(spec, parts, tracker, guard, point, on_epoch, progress)
+
+
+def _tracked(spec: Spec, parts: Parts, tracker: Tracker, guard: ModeGuard | None, point: ResumePoint,
+             on_epoch: EpochCallback | None, progress: bool) -> RunResult:
+    """Everything a run does between the start and the end of its tracked run."""
     t0 = time.perf_counter()
-    with tracker.start(experiment=spec.name, run_name=run_name, parent_run_id=parent_run_id,
-                       tags=base_tags, resume=bool(resume_run_id), system_metrics=system_metrics):
-        try:
-            if resume_run_id:
-                tracker.set_tags({"resumed_from_epoch": start_epoch - 1})
-            else:
-                _log_start(tracker, spec, parts)
-            result = _train(spec, parts, tracker, guard, start_epoch, best, history, on_epoch, progress)
-            test = evaluate(parts.model, parts.data.test, parts.device, policy=parts.policy, guard=guard,
-                            prefix="test")
-            if guard is not None:  # the test phase joins the last epoch's ledger and findings
-                _log_guard(tracker, guard, guard.end_epoch(result.epochs))
-                result.guard = guard.summary()
-        except Diverged as e:
-            e.args = (_divergence_reason(e, guard),)
-            _record_failure(tracker, e)
-            _score_diverged(tracker, parts, step=len(history.get("train/loss", [])) + 1)
-            raise
-        except BaseException as e:
-            _record_failure(tracker, e)
-            raise
-        finally:
-            if guard is not None:
-                guard.close()
-        test = {k: v for k, v in test.items() if k in ("test/loss", "test/acc")}
-        tracker.log_metrics(test, step=result.epochs)
-        tracker.flush()
-        result.metrics.update(test)
-        if spec.train.log_model:
-            model = parts.model.to("cpu").eval()
-            tracker.log_model(model, parts.data.example_input(2).cpu().numpy())
-        result.seconds = time.perf_counter() - t0
-        return result
+    log = MetricLog(tracker, point.logged)
+    try:
+        if point.start_epoch > 1 or point.logged:
+            tracker.set_tags({"resumed_from_epoch": point.start_epoch - 1, "resumed_from": point.source,
+                              **({"resume.changes": "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in
+                                                             point.changes.items())} if point.changes else {})})
+            if point.changes:
+                tracker.log_text(spec.to_yaml(), "spec.yaml")
+        else:
+            _log_start(tracker, spec, parts)
+        result = train_epochs(spec, parts, log, guard, point, on_epoch, progress)
+        failpoints.reach("after_last_epoch")
+        test = evaluate(parts.model, parts.data.test, parts.device, policy=parts.policy, guard=guard,
+                        prefix="test")
+        if guard is not None:  # the test phase joins the last epoch's ledger and findings
+            log_guard(tracker, guard, guard.end_epoch(result.epochs), result.epochs)
+            result.guard = guard.summary()
+    except Diverged as e:
+        e.args = (_divergence_reason(e, guard),)
+        _record_failure(tracker, e)
+        _score_diverged(log, parts, step=len(point.history.get("train/loss", [])) + 1)
+        raise
+    except BaseException as e:
+        _record_failure(tracker, e)
+        raise
+    finally:
+        if guard is not None:
+            guard.close()
+    test = {k: v for k, v in test.items() if k in ("test/loss", "test/acc")}
+    log(test, step=result.epochs)
+    tracker.flush()
+    result.metrics.update(test)
+    failpoints.reach("during_model_log")
+    if spec.train.log_model and not point.has_model:
+        model = parts.model.to("cpu").eval()
+        tracker.log_model(model, parts.data.example_input(2).cpu().numpy())
+    failpoints.reach("before_run_end")
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+@contextlib.contextmanager
+def _only_trainer(run_id: str):
+    try:
+        with run_lock(run_id):
+            yield
+    except Busy as e:
+        raise UserError(f"--resume {run_id}: the run is being trained by another process on this machine "
+                        f"({e}); wait for it to end, or stop it first") from None
 
 
 def _divergence_reason(e: Diverged, guard: ModeGuard | None) -> str:
@@ -173,10 +192,11 @@ def _divergence_reason(e: Diverged, guard: ModeGuard | None) -> str:
     return f"{e}; lower optimizer.lr"
 
 
-def _score_diverged(tracker: Tracker, parts: Parts, step: int) -> None:
+def _score_diverged(log: MetricLog, parts: Parts, step: int) -> None:
     """A diverged run is a result, not a missing one: measure the model it ended with on val and test
     (its accuracy, whatever it is). Weights that are no longer finite predict nothing: tag them, and
     the analysis scores such a run at chance level."""
+    tracker = log.tracker
     if not all(torch.isfinite(p).all() for p in parts.model.parameters()):
         tracker.set_tags({"diverged.weights": "non-finite"})
         return
@@ -185,7 +205,7 @@ def _score_diverged(tracker: Tracker, parts: Parts, step: int) -> None:
         m = evaluate(parts.model, getattr(parts.data, split), parts.device, policy=parts.policy,
                      prefix=split)
         metrics.update({k: v for k, v in m.items() if k in (f"{split}/acc", f"{split}/loss")})
-    tracker.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
+    log({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
     tracker.flush()
     tracker.set_tags({"diverged.weights": "finite"})
 
@@ -220,79 +240,3 @@ def _log_start(tracker: Tracker, spec: Spec, parts: Parts) -> None:
         for p in problems:
             log.warning("sanity check: %s", p)
         tracker.set_tags({"sanity_check": "; ".join(problems) or "ok"})
-
-
-def _train(spec: Spec, parts: Parts, tracker: Tracker, guard: ModeGuard | None, start_epoch: int,
-           best: float | None, history: dict, on_epoch: EpochCallback | None,
-           progress: bool) -> RunResult:
-    from tqdm.auto import tqdm
-
-    device, model, optimizer, policy, data = (parts.device, parts.model, parts.optimizer, parts.policy,
-                                              parts.data)
-    epochs = spec.train.epochs
-    n_batches = len(data.train)
-    metrics: dict[str, float] = {}
-    bar = tqdm(range(start_epoch, epochs + 1), desc=spec.name, unit="epoch", disable=not progress,
-               initial=start_epoch - 1, total=epochs, leave=True)
-    # Checkpoints are written here, logged as artifacts, then removed: the store keeps the one copy.
-    with tempfile.TemporaryDirectory(prefix="harness-checkpoints-") as ckpt_dir:
-        for epoch in bar:
-            data.train.set_epoch(epoch)
-            t = time.perf_counter()
-            metrics = train_one_epoch(
-                model, data.train, optimizer, device, epoch=epoch, policy=policy, guard=guard,
-                log_every=spec.train.log_every, step_offset=(epoch - 1) * n_batches,
-                on_running_loss=lambda step, v: tracker.log_metrics({"train/running_loss": v}, step),
-            )
-            metrics["time/train_epoch_s"] = time.perf_counter() - t
-            metrics.update(evaluate(model, data.val, device, policy=policy, guard=guard, prefix="val"))
-            if guard is not None:
-                metrics["mode_guard/findings"] = _log_guard(tracker, guard, guard.end_epoch(epoch))
-            tracker.log_metrics(metrics, step=epoch)
-            tracker.flush()
-            for k, v in metrics.items():
-                history.setdefault(k, []).append(v)
-            improved = best is None or metrics["val/acc"] > best
-            best = metrics["val/acc"] if improved else best
-            if spec.train.checkpoint:
-                path = ckpt.save_checkpoint(Path(ckpt_dir) / "last.pt", model=model, optimizer=optimizer,
-                                            epoch=epoch, spec_hash=spec.hash(), best=best, history=history)
-                tracker.log_artifact(path, "checkpoints")
-                if improved:
-                    tracker.log_artifact(path.replace(path.with_name("best.pt")), "checkpoints")
-            bar.set_postfix({"loss": f"{metrics['train/loss']:.3f}", "val/acc": f"{metrics['val/acc']:.3f}"})
-            if on_epoch is not None:
-                on_epoch(epoch, metrics)
-    bar.close()
-    return RunResult(run_id=str(tracker.run_id), metrics=dict(metrics), history=history, best=best,
-                     epochs=epochs, guard=guard.summary() if guard is not None else {})
-
-
-def _log_guard(tracker: Tracker, guard: ModeGuard, report: dict) -> int:
-    """Tags ``mode_guard.<kind>`` (every module found so far) and the ledger; the epoch's count."""
-    if report["findings"]:
-        run_wide = guard.summary()
-        tracker.set_tags({f"mode_guard.{k}": ",".join(run_wide[k]) for k in report["findings"]})
-    tracker.log_dict({str(k): v for k, v in guard.ledger.items()}, "mode_guard/ledger.json")
-    return report["count"]
-
-
-def _restore(tracker: Tracker, spec: Spec, parts: Parts) -> tuple[int, float | None, dict]:
-    """Load the run's ``checkpoints/last.pt`` (from any store) into the parts; next epoch to train."""
-    run_id = tracker.run_id
-    with tempfile.TemporaryDirectory(prefix="harness-resume-") as tmp:  # removed once loaded
-        try:
-            local = tracker.download_artifact("checkpoints/last.pt", tmp)
-        except UserError as e:
-            raise UserError(f"--resume {run_id}: no checkpoint found in that run ({e})") from None
-        state = ckpt.load_checkpoint(local, map_location=parts.device)
-    if state["spec_hash"] != spec.hash():
-        raise UserError(f"--resume {run_id}: the checkpoint was made by a different spec "
-                        f"(hash {state['spec_hash']} != {spec.hash()}); pass the same spec and overrides")
-    parts.model.load_state_dict(state["model"])
-    parts.optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
-    if state["epoch"] >= spec.train.epochs:
-        raise UserError(f"--resume {run_id}: the run already finished all {spec.train.epochs} epochs")
-    return state["epoch"] + 1, state["best"], dict(state.get("history") or {})
-

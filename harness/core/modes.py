@@ -40,6 +40,9 @@ class Correct:
     # What the policy changes relative to the textbook: "none", "eval" (only evaluation: an ablation
     # may score it on the control's checkpoints) or "train" (needs its own training runs).
     scope = "none"
+    # Whether gradients live on from one step to the next (then they are training state a checkpoint
+    # must keep: a resume that started from zero gradients would train differently).
+    carries_gradients = False
 
     def __init__(self, frozen: Sequence[str] = (), mc_samples: int = 10):
         self.frozen = tuple(frozen)
@@ -124,6 +127,7 @@ class NoZeroGrad(Correct):
 
     name = "no_zero_grad"
     scope = "train"
+    carries_gradients = True
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         pass  # BUG: gradients accumulate across steps

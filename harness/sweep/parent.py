@@ -7,6 +7,7 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
+from harness import failpoints
 from harness.errors import StoreError, mask_url
 from harness.sweep import storage as sto
 from harness.sweep.context import Context
@@ -28,7 +29,9 @@ def ensure_parent_run(ctx: Context) -> str:
         if run_id:
             _check_parent(client, ctx, run_id)
         else:
-            run_id = _create_parent(client, ctx)
+            # A process killed between creating the run and recording it left one: adopt it.
+            run_id = _find_parent(client, ctx) or _create_parent(client, ctx)
+            failpoints.reach("after_parent_run_created")
             ctx.study.set_user_attr(PARENT_ATTR, run_id)
     # Storages without a lock: two processes may both have created one; the last write wins.
     winner = ctx.study.user_attrs.get(PARENT_ATTR)
@@ -53,10 +56,17 @@ def _check_parent(client, ctx: Context, run_id: str) -> None:
         client.restore_run(run_id)
 
 
+def _find_parent(client, ctx: Context) -> str | None:
+    runs = client.search_runs(
+        [ctx.experiment_id], max_results=1, order_by=["attributes.start_time ASC"],
+        filter_string=f"tags.`optuna.study` = '{ctx.study_name}' and tags.`sweep.role` = 'parent'")
+    return runs[0].info.run_id if runs else None
+
+
 def _create_parent(client, ctx: Context) -> str:
     from harness.tracking.mlflow_tracker import MlflowTracker
 
-    tags = {"mlflow.runName": f"sweep:{ctx.study_name}", "optuna.study": ctx.study_name,
+    tags = {"mlflow.runName": f"sweep:{ctx.study_name}", "optuna.study": ctx.study_name, "sweep.role": "parent",
             "optuna.storage": sto.optuna_storage_display(ctx.storage_url),
             "spec_hash": ctx.spec.hash(), "sweep.metric": ctx.spec.search.metric,
             "sweep.direction": ctx.spec.search.direction}
@@ -97,25 +107,27 @@ ORPHAN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED",
 
 
 def end_orphan_runs(ctx: Context) -> None:
-    """Child runs left RUNNING although their trial is over: the tracking server went away before the
-    worker could end them (Optuna was told; MLflow could not be). Ended as the trial's state says."""
+    """Child runs left RUNNING, or tagged RUNNING, although their trial is over: the tracking server
+    went away, or the worker died, before the run could be ended and tagged (Optuna was told; MLflow
+    was not). Ended and tagged as the trial's state says."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    runs = client.search_runs(
-        [ctx.experiment_id], max_results=1000,
-        filter_string=f"tags.mlflow.parentRunId = '{ctx.parent_run_id}' and attributes.status = 'RUNNING'")
+    under = f"tags.mlflow.parentRunId = '{ctx.parent_run_id}'"
+    runs = {r.info.run_id: r for filter_string in (f"{under} and attributes.status = 'RUNNING'",
+                                                    f"{under} and tags.`optuna.state` = 'RUNNING'")
+            for r in client.search_runs([ctx.experiment_id], max_results=1000, filter_string=filter_string)}
     trials = {t.number: t for t in ctx.study.get_trials(deepcopy=False)}
-    for r in runs:
+    for r in runs.values():
         number = r.data.tags.get("optuna.trial_number", "")
         t = trials.get(int(number)) if number.isdigit() else None
         if t is None or t.state not in ORPHAN_STATUS:
             continue  # still running somewhere (another machine's worker): not ours to end
         reason = t.user_attrs.get("failure_reason", "")
         end_run(r.info.run_id, ORPHAN_STATUS[t.state],
-                 {"optuna.state": t.state.name, "failure_reason": reason})
-        log.warning("trial %d is %s but its MLflow run %s was left RUNNING (%s): ended %s", t.number,
-                    t.state.name, r.info.run_id, reason or "its worker could not reach MLflow",
+                {"optuna.state": t.state.name, "failure_reason": reason})
+        log.warning("trial %d is %s but its MLflow run %s was left %s (%s): ended %s", t.number,
+                    t.state.name, r.info.run_id, r.info.status, reason or "its worker could not tell MLflow",
                     ORPHAN_STATUS[t.state])
 
 

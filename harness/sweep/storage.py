@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from harness.errors import StoreError, first_line, mask_url
+from harness.locks import file_lock
 
 DEFAULT_OPTUNA_JOURNAL = "mlruns/optuna.journal"
 HEARTBEAT_INTERVAL_S = 10
@@ -111,6 +112,27 @@ def quiet_experimental() -> Iterator[None]:
         yield
 
 
+def _lock_file(url: str | None) -> Path | None:
+    """The file whose ``flock`` guards a journal or a SQLite storage (None: not a file storage)."""
+    kind = optuna_storage_kind(url)
+    if kind == "journal":
+        path = Path(url or DEFAULT_OPTUNA_JOURNAL)
+        return path.with_name(path.name + ".harness-lock")
+    db = url.split(":///", 1)[1] if kind == "sqlite" and url and ":///" in url else ""
+    return Path(db).with_name(Path(db).name + ".harness-lock") if db and db != ":memory:" else None
+
+
+def _lock_database(url: str | None) -> bool:
+    return optuna_storage_kind(url) == "rdb" and bool(url) and \
+        url.split("+", 1)[0].split(":", 1)[0] in ("postgresql", "postgres", "mysql")
+
+
+def locks_across_processes(url: str | None) -> bool:
+    """Whether :func:`storage_lock` really excludes the other processes of a study (and dies with the
+    process that holds it, as flock and database session locks do)."""
+    return _lock_file(url) is not None or _lock_database(url)
+
+
 @contextlib.contextmanager
 def storage_lock(url: str | None) -> Iterator[None]:
     """A short exclusive section across every process that uses this Optuna storage: the sweep
@@ -119,41 +141,15 @@ def storage_lock(url: str | None) -> Iterator[None]:
     Journal files and SQLite: an ``flock`` on a file beside them (one machine). PostgreSQL: an
     advisory lock; MySQL: ``GET_LOCK``. Anything else: no lock (the sweep then re-checks its count
     after reserving)."""
-    kind = optuna_storage_kind(url)
-    if kind == "journal":
-        path = Path(url or DEFAULT_OPTUNA_JOURNAL)
-        with _file_lock(path.with_name(path.name + ".harness-lock")):
+    path = _lock_file(url)
+    if path is not None:
+        with file_lock(path):
             yield
-        return
-    if kind == "sqlite":
-        db = url.split(":///", 1)[1] if url and ":///" in url else ""
-        if db and db != ":memory:":
-            with _file_lock(Path(db).with_name(Path(db).name + ".harness-lock")):
-                yield
-            return
-        yield
-        return
-    if kind == "rdb" and url and url.split("+", 1)[0].split(":", 1)[0] in ("postgresql", "postgres", "mysql"):
+    elif _lock_database(url):
         with _db_lock(url):
             yield
-        return
-    yield
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; the journal's own lock still keeps the file consistent
+    else:
         yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 _LOCK_ENGINES: dict[str, object] = {}

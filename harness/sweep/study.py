@@ -20,6 +20,7 @@ from optuna.distributions import BaseDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
+from harness import failpoints
 from harness.errors import StoreError
 from harness.spec import Spec
 
@@ -91,15 +92,22 @@ def worker_alive(worker: dict[str, Any] | None) -> bool | None:
         return None
 
 
-def stale_trials(study: optuna.Study) -> list[FrozenTrial]:
+def stale_trials(study: optuna.Study, locked: bool) -> list[FrozenTrial]:
     """RUNNING trials whose worker on this machine is gone (killed, crashed). Trials of workers on
-    other machines are left to the RDB heartbeat."""
+    other machines are left to the RDB heartbeat.
+
+    ``locked``: the caller holds the storage's cross-process lock. Trials are asked for, and their
+    worker recorded, inside that lock, so a RUNNING trial with no worker found under it was asked for
+    by a process that died before it could record itself (the lock died with it): stale too."""
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if worker_alive(t.user_attrs.get("worker")) is False]
+            if worker_alive(t.user_attrs.get("worker")) is False
+            or (locked and "worker" not in t.user_attrs)]
 
 
 def stale_reason(trial: FrozenTrial) -> str:
-    w = trial.user_attrs.get("worker") or {}
+    w = trial.user_attrs.get("worker")
+    if not w:
+        return "stale: the process that asked for it died before recording itself"
     return f"stale: its worker {w.get('host')}:{w.get('pid')} is gone"
 
 
@@ -136,14 +144,14 @@ def retry(study: optuna.Study, trial: FrozenTrial) -> bool:
 
 def reserve(study: optuna.Study, space: dict[str, BaseDistribution], n_trials: int,
             lock: Callable[[], ContextManager], worker: dict[str, Any],
-            on_stale: Callable[[optuna.Study, FrozenTrial], None]) -> optuna.Trial | None:
+            on_stale: Callable[[optuna.Study, FrozenTrial], None], locked: bool = True) -> optuna.Trial | None:
     """The next trial for this worker, or None when ``n_trials`` are finished or reserved.
 
     Counting and asking happen under the storage's lock, so concurrent workers never overshoot; stale
     trials (dead local workers; heartbeat-stale ones on RDB) are failed first and handed to
     ``on_stale``. The trial's params (the spec overrides) are sampled here, in ``trial.params``."""
     with lock():
-        for t in stale_trials(study):
+        for t in stale_trials(study, locked):
             if fail_trial(study, t, stale_reason(t)):
                 on_stale(study, study._storage.get_trial(t._trial_id))
         fail_heartbeat_stale(study)
@@ -153,6 +161,7 @@ def reserve(study: optuna.Study, space: dict[str, BaseDistribution], n_trials: i
             # "Heartbeat ... supposed to be used with Study.optimize": the sweep beats itself.
             warnings.filterwarnings("ignore", message=".*Heartbeat.*", category=UserWarning)
             trial = study.ask(fixed_distributions=space)
+        failpoints.reach("after_trial_asked")
         # Inside the lock: until these are written, another worker could take the trial for stale.
         for key, value in {"worker": worker, "mlflow_run_id": "", "failure_reason": ""}.items():
             trial.set_user_attr(key, value)

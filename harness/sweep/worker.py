@@ -32,7 +32,8 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from harness.errors import TrackingServerGone, UserError
+from harness import failpoints
+from harness.errors import StoreError, TrackingServerGone, UserError, disk_problem
 from harness.spec import Spec
 from harness.sweep import parent
 from harness.sweep import storage as sto
@@ -67,7 +68,7 @@ def cleanup_stale(ctx: Context) -> None:
     """At start: fail the RUNNING trials of dead local workers (and heartbeat-stale ones), then end
     the MLflow runs still RUNNING of trials that are over."""
     with ctx.lock():
-        for t in st.stale_trials(ctx.study):
+        for t in st.stale_trials(ctx.study, sto.locks_across_processes(ctx.storage_url)):
             if st.fail_trial(ctx.study, t, st.stale_reason(t)):
                 on_stale(ctx.study, ctx.study._storage.get_trial(t._trial_id))
         st.fail_heartbeat_stale(ctx.study)
@@ -91,7 +92,8 @@ def run_worker(ctx: Context, on_trial: Callable[[FrozenTrial, Outcome], None] | 
     t0 = time.monotonic()
     failures = 0
     while ctx.timeout is None or time.monotonic() - t0 < ctx.timeout:
-        trial = st.reserve(ctx.study, ctx.space, ctx.n_trials, ctx.lock, worker, on_stale)
+        trial = st.reserve(ctx.study, ctx.space, ctx.n_trials, ctx.lock, worker, on_stale,
+                           locked=sto.locks_across_processes(ctx.storage_url))
         if trial is None:
             break
         outcome = run_trial(ctx, trial)
@@ -166,7 +168,12 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
         interrupted = e
     except Exception as e:  # a crash in one trial (e.g. out of memory) must not end the sweep
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        if _store_busy(e):
+        full = disk_problem(e)
+        if full:
+            # A full or read-only disk fails every trial alike: stop with one line; its params run again
+            # once there is room (the next start mends what could not be written now).
+            reason, retry_params, interrupted = f"disk: {full}", True, StoreError(full)
+        elif _store_busy(e):
             # SQLite's lock held past MLflow's 20 s busy timeout: not the params' fault, run them again.
             retry_params = True
             log.warning("trial %d: the MLflow store was busy (%s); its params are queued again", n, e)
@@ -181,7 +188,9 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
         for key, v in {"mlflow_run_id": run_id or "", "epochs": seen["epochs"],
                        "seconds": round(seconds, 2), "failure_reason": reason}.items():
             trial.set_user_attr(key, v)
+        failpoints.reach("before_trial_told")
         ctx.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        failpoints.reach("after_trial_told")
     except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError) as e:
         # Another process failed this trial as stale while it ran (a heartbeat lost to a long stall).
         log.warning("trial %d could not be told %s (%s); its MLflow run keeps the result",

@@ -16,11 +16,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+from harness import failpoints
 from harness.cli import sigterm_as_interrupt, temp_env
 from harness.core.loop import Diverged, Stopped
 from harness.errors import UserError
 from harness.tracking import store
-from harness.tracking.tracker import final_status
+from harness.tracking.tracker import RunSnapshot, final_status, param_str
 
 log = logging.getLogger("harness.tracking")
 
@@ -65,6 +66,10 @@ class MlflowTracker:
                 tags=None if resume else {k: str(v) for k, v in (tags or {}).items()},
                 log_system_metrics=system_metrics)
             self.run_id = active.info.run_id
+            if resume:
+                self._discard_unfinished_models()
+            else:
+                failpoints.reach("after_run_created")
             error: BaseException | None = None
             try:
                 yield self
@@ -78,7 +83,7 @@ class MlflowTracker:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, _param_str(v)) for k, v in params.items()]
+        items = [Param(k, param_str(v)) for k, v in params.items()]
         for i in range(0, len(items), self.MAX_PARAMS):
             self.client.log_batch(self.run_id, params=items[i:i + self.MAX_PARAMS], synchronous=True)
 
@@ -110,6 +115,25 @@ class MlflowTracker:
         pending, self._metrics = self._metrics, []
         for i in range(0, len(pending), self.MAX_METRICS):
             self.client.log_batch(self.run_id, metrics=pending[i:i + self.MAX_METRICS], synchronous=True)
+
+    def snapshot(self) -> RunSnapshot:
+        run = self.client.get_run(self.run_id)
+        last = {}
+        for key in run.data.metrics:
+            steps = [m.step for m in self.client.get_metric_history(self.run_id, key)]
+            last[key] = max(steps) if steps else 0
+        return RunSnapshot(run.info.status, dict(run.data.params), dict(run.data.tags), last,
+                           has_model=any(_ready(m) for m in self._models(run.info.experiment_id)))
+
+    def _models(self, experiment_id: str) -> list:
+        return list(self.client.search_logged_models([experiment_id],
+                                                     filter_string=f"source_run_id = '{self.run_id}'"))
+
+    def _discard_unfinished_models(self) -> None:
+        """A model whose logging was cut short (the process died) is deleted; the resume logs it again."""
+        for m in self._models(self.client.get_run(self.run_id).info.experiment_id):
+            if not _ready(m):
+                self.client.delete_logged_model(m.model_id)
 
     def reachable(self) -> bool:
         """False when the tracking server is gone: logging more would retry for minutes, then fail."""
@@ -153,12 +177,6 @@ class MlflowTracker:
                             f"({str(e).splitlines()[0][:100]})") from None
 
 
-def _param_str(v: Any) -> str:
-    if isinstance(v, (list, tuple)):
-        return json.dumps(list(v))
-    return str(v)
-
-
 def _end_run(status: str) -> None:
     """``mlflow.end_run``; when a failed run's tracking server is gone, end it here at once (the
     server keeps it RUNNING until ``--resume``) instead of retrying for minutes over the first error."""
@@ -192,3 +210,7 @@ def _server_gone_is_clear(tracker: MlflowTracker) -> Iterator[None]:
             f"during run {tracker.run_id} (what it logged before is kept there)",
             then=f"continue it with --resume {tracker.run_id} (a sweep: run the same command "
                  f"again)") from e
+
+
+def _ready(model) -> bool:
+    return getattr(model.status, "value", model.status) == "READY"

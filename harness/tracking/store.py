@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from harness.errors import StoreError, TrackingServerGone, mask_url
+from harness.locks import file_lock
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ARTIFACTS_DIR = "mlruns"
@@ -65,7 +66,24 @@ def setup_mlflow() -> str:
         os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user or "")
         os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password)
     mlflow.set_tracking_uri(bare)
+    _create_once(bare)
     return uri
+
+
+_ready: set[str] = set()
+
+
+def _create_once(uri: str) -> None:
+    """Create (or migrate) a local SQLite store under a file lock: two commands started at once on a
+    fresh store would otherwise both run MLflow's schema migration, and one dies in alembic."""
+    if uri in _ready or not uri.startswith("sqlite:///"):
+        return
+    from mlflow import MlflowClient
+
+    db = Path(uri[len("sqlite:///"):])
+    with file_lock(db.with_name(db.name + ".harness-lock")):
+        MlflowClient(uri).search_experiments(max_results=1)
+    _ready.add(uri)
 
 
 def split_credentials(uri: str) -> tuple[str, str | None, str | None]:

@@ -11,13 +11,25 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 from collections import defaultdict
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, ContextManager, Iterator, Protocol
 
 from harness.core.loop import Stopped
 
 _ids = itertools.count(1)
+
+
+@dataclass
+class RunSnapshot:
+    """What a run already holds, read before resuming it."""
+    status: str
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    last_steps: dict[str, int] = field(default_factory=dict)  # per metric key, its last logged step
+    has_model: bool = False  # a whole final model is logged already
 
 
 class Tracker(Protocol):
@@ -37,6 +49,7 @@ class Tracker(Protocol):
     def download_artifact(self, artifact_path: str, dst_dir: str | Path) -> Path: ...
     def flush(self) -> None: ...
     def reachable(self) -> bool: ...
+    def snapshot(self) -> RunSnapshot: ...
 
 
 def final_status(e: BaseException | None) -> str:
@@ -77,7 +90,7 @@ class MemoryTracker:
         self.status = final_status(None)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        self.params.update(params)
+        self.params.update({k: param_str(v) for k, v in params.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         for k, v in metrics.items():
@@ -117,3 +130,15 @@ class MemoryTracker:
 
     def reachable(self) -> bool:
         return True
+
+    def snapshot(self) -> RunSnapshot:
+        return RunSnapshot(self.status or "RUNNING", dict(self.params), dict(self.tags),
+                           {k: max(step for step, _ in v) for k, v in self.metrics.items() if v},
+                           has_model=self.model is not None)
+
+
+def param_str(v: Any) -> str:
+    """A param as the store keeps it: a string (lists as JSON)."""
+    if isinstance(v, (list, tuple)):
+        return json.dumps(list(v))
+    return str(v)
