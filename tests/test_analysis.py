@@ -342,3 +342,27 @@ arms:
     out = compare("diverging", group_by=["ablation.arm"], metric="test/acc", out=tmp_path / "cmp", plot=False)
     table = out["table"].set_index("ablation.arm")
     assert table.loc["explode", "n"] == 3 and table.loc["explode", "diverged"] == 3
+
+
+@pytest.mark.slow
+def test_resume_goes_on_with_the_plan_its_parent_recorded(fast_store, tmp_path):
+    """As the README writes it: the resume names only the spec and the parent, not the first command's
+    overrides, seeds and arms; nothing is retrained, and the parent ends FINISHED, not FAILED."""
+    from mlflow import MlflowClient
+
+    spec = str(ROOT / "experiments" / "ablations" / "mode_bugs.yaml")
+    first = run_cli("analysis.ablation", spec, "train.epochs=1", "data.limit_train=200", "--seeds", "2",
+                    "--arms", "no_eval", cwd=tmp_path, timeout=600)
+    assert first.returncode == 0, first.stderr
+    parent = re.search(r"parent run (\w+)", first.stdout).group(1)
+    again = run_cli("analysis.ablation", spec, "--resume", parent, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "0 training runs to do" in again.stdout and "no_eval" in again.stdout
+    client = MlflowClient(fast_store)
+    assert client.get_run(parent).info.status == "FINISHED"
+    kids = client.search_runs([client.get_run(parent).info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert len(kids) == 4  # none and no_eval, 2 seeds each: nothing made twice
+    bad = run_cli("analysis.ablation", spec, "train.epochs=3", "--resume", parent, cwd=tmp_path)
+    assert bad.returncode == 2 and "--resume goes on with the plan" in bad.stderr
+    assert client.get_run(parent).info.status == "FINISHED"
