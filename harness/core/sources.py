@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from harness.core import imports
@@ -40,6 +41,9 @@ def _declared_classes(part: Any) -> int:
 
 
 def _checked(part: Any, what: str, path: str) -> Any:
+    if isinstance(part, (torch.Tensor, np.ndarray)):
+        raise SpecError(f"{FIELD}: {path}'s {what} set is a single {tuple(part.shape)} array; return "
+                        f"((x_train, y_train), (x_test, y_test)) or two Datasets")
     if isinstance(part, (tuple, list)) and len(part) == 2:
         return tensors(part[0], part[1], f"{path}'s {what} set")
     if hasattr(part, "__getitem__") and hasattr(part, "__len__"):
@@ -59,9 +63,9 @@ def _checked(part: Any, what: str, path: str) -> Any:
                     f"or a pair of tensors (x, y)")
 
 
-def _describe(item: Any) -> str:
-    if isinstance(item, (tuple, list)):
-        return "(" + ", ".join(_describe(i) for i in item[:3]) + ")"
+def _describe(item: Any, top: bool = True) -> str:
+    if top and isinstance(item, (tuple, list)):
+        return "(" + ", ".join(_describe(i, False) for i in item[:3]) + ")"
     if isinstance(item, torch.Tensor):
         return f"a {tuple(item.shape)} tensor"
     return type(item).__name__

@@ -102,7 +102,10 @@ class DataSpec(_Section):
                     raise ValueError(f"@{name}: only for a dataset factory (package.module:function); "
                                      f"{self.dataset} is built in")
         else:
-            imports.check_arguments(imports.resolve(self.dataset), self.dataset, {}, self.args)
+            try:
+                imports.check_arguments(imports.resolve(self.dataset), self.dataset, {}, self.args)
+            except imports.FactoryError as e:
+                raise ValueError(f"@args: {e}") from None
         return self
 
 
@@ -147,8 +150,11 @@ class ModelSpec(_Section):
         from harness.core import imports
 
         if imports.is_import_path(self.arch):
-            imports.check_arguments(imports.resolve(self.arch), self.arch,
-                                    {"input_shape": None, "num_classes": None}, self.args)
+            try:
+                imports.check_arguments(imports.resolve(self.arch), self.arch,
+                                        {"input_shape": None, "num_classes": None}, self.args)
+            except imports.FactoryError as e:
+                raise ValueError(f"@args: {e}") from None
         fields = type(self).model_fields
         chosen = [n for n in (*MODEL_OPTIONS, "args")
                   if getattr(self, n) != fields[n].get_default(call_default_factory=True)]
@@ -228,6 +234,16 @@ class SearchParam(_Section):
     log: bool = False
     step: float | None = None
     choices: tuple[Scalar, ...] | None = None
+
+    @field_validator("choices", mode="before")
+    @classmethod
+    def _finite_choices(cls, v: Any) -> Any:
+        import math
+
+        for c in v if isinstance(v, (list, tuple)) else ():
+            if isinstance(c, float) and not math.isfinite(c):
+                raise ValueError(f"choice {c} is not a finite number")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "SearchParam":
