@@ -7,6 +7,8 @@ prints what the guard found on stderr. The script's own output, traceback and ex
 from __future__ import annotations
 
 import argparse
+import builtins
+import importlib.machinery
 import json
 import os
 import runpy
@@ -14,6 +16,7 @@ import signal
 import sys
 import tempfile
 import traceback
+import types
 
 from harness.cli import user_errors
 from harness.errors import UserError
@@ -68,8 +71,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, str, list[str]]:
 
 
 def _check_script(path: str) -> None:
-    """What ``python SCRIPT`` would refuse before running anything: a missing file, a folder without
-    ``__main__.py``, a file that is not Python. A ``.py`` file with a syntax error is the script's own
+    """What cannot be a training script: a missing file, a folder without ``__main__.py``, a file that
+    is neither a ``.py`` file nor an executable with a ``python`` shebang (a CSV or YAML file given by
+    mistake, which Python would try to run). A ``.py`` file with a syntax error is the script's own
     failure: Python's traceback, exit 1."""
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "__main__.py")):
@@ -79,11 +83,10 @@ def _check_script(path: str) -> None:
         raise UserError(f"no such script: {path}")
     if path.endswith((".py", ".pyw")):
         return
-    try:
-        with open(path, "rb") as f:
-            compile(f.read(), path, "exec")
-    except (SyntaxError, ValueError):
-        raise UserError(f"{path} is not a Python script: give the .py file that trains the model") from None
+    with open(path, "rb") as f:
+        first = f.readline(200)
+    if not (first.startswith(b"#!") and b"python" in first):  # an executable Python script
+        raise UserError(f"{path} is not a Python script: give the .py file that trains the model")
 
 
 def run_script(path: str, args: list[str]) -> int:
@@ -92,21 +95,40 @@ def run_script(path: str, args: list[str]) -> int:
     script's first frame on)."""
     saved = sys.argv, sys.path[0]
     sys.argv = [path, *args]
-    sys.path[0] = os.path.dirname(os.path.abspath(path))  # the script's folder comes first, as with python
+    sys.path[0] = os.path.dirname(os.path.abspath(path))  # the script's folder first, as with python
     try:
-        runpy.run_path(path, run_name="__main__")
+        if os.path.isdir(path):
+            runpy.run_path(path, run_name="__main__")
+        else:
+            _exec_main(os.path.abspath(path))
         return 0
     except SystemExit as e:
         return _exit_status(e.code)
     except BaseException as e:  # noqa: BLE001 - every failure of the script is reported as Python would
         tb = e.__traceback__
-        while tb is not None and tb.tb_frame.f_code.co_filename != path:
+        while tb is not None and tb.tb_frame.f_code.co_filename in (__file__, runpy.__file__):
             tb = tb.tb_next
         sys.stdout.flush()
         traceback.print_exception(type(e), e, tb)
         return -signal.SIGINT if isinstance(e, KeyboardInterrupt) else 1
     finally:
         sys.argv, sys.path[0] = saved
+
+
+def _exec_main(path: str) -> None:
+    """Run the file as the ``__main__`` module, as ``python path`` does (``runpy.run_path`` would set
+    ``sys.argv[0]`` to the absolute path): classes defined there pickle as ``__main__.X``."""
+    with open(path, "rb") as f:
+        code = compile(f.read(), path, "exec", dont_inherit=True)  # not this module's __future__ flags
+    main = types.ModuleType("__main__")
+    main.__dict__.update(__file__=path, __cached__=None, __builtins__=builtins,
+                         __loader__=importlib.machinery.SourceFileLoader("__main__", path))
+    saved = sys.modules["__main__"]
+    sys.modules["__main__"] = main
+    try:
+        exec(code, main.__dict__)
+    finally:
+        sys.modules["__main__"] = saved
 
 
 def _exit_status(code) -> int:
@@ -150,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     code = main()
-    if code < 0:  # end as Python does after Ctrl-C: killed by SIGINT, so a calling shell stops too
-        sys.stdout.flush(), sys.stderr.flush()
-        signal.signal(-code, signal.SIG_DFL)
-        os.kill(os.getpid(), -code)
+    if code == -signal.SIGINT:
+        # End as Python ends after Ctrl-C (killed by SIGINT, so a calling shell stops too, or exit 1
+        # where torch's exit handlers change that): let Python handle an interrupt of its own, its
+        # traceback already printed.
+        sys.excepthook = lambda *exc: None
+        raise KeyboardInterrupt
     sys.exit(code)

@@ -6,6 +6,7 @@ import weakref
 
 from torch import nn
 
+from harness.guard.detector import ROOT
 from harness.guard.layers import is_batchnorm, is_mode_sensitive, is_stochastic
 
 TRAIN, EVAL, EVAL_GRAD = "train", "eval", "eval_grad"
@@ -18,7 +19,8 @@ class Root:
         self.name, self.cls = name, type(module).__name__
         self.ref = weakref.ref(module)
         named = [(n, m) for n, m in module.named_modules() if is_mode_sensitive(m)]
-        self.names = [f"{name}.{n}" if n else name for n, _ in named]
+        # "model.features.1"; the harness's own names ("features.1", "(model)") when called ROOT
+        self.names = [n or name if name == ROOT else f"{name}.{n}" if n else name for n, _ in named]
         self.mods = [m for _, m in named]
         self.stochastic = tuple(is_stochastic(m) for m in self.mods)
         self.bn = tuple(is_batchnorm(m) and m.track_running_stats for m in self.mods)

@@ -61,13 +61,16 @@ class Watcher:
 
     ``model``: watch only that model (and its submodules called on their own) and the optimizers that
     update it; ``None``: every model and optimizer in the process. ``allow``: finding kinds to accept,
-    and ``mc_dropout`` (dropout-like layers in training mode at evaluation, on purpose)."""
+    and ``mc_dropout`` (dropout-like layers in training mode at evaluation, on purpose). ``name``: what
+    to call ``model`` in the findings (else its variable name in the script); ``ROOT`` names its modules
+    as ``ModeGuard`` does (``features.1``, ``(model)``)."""
 
-    def __init__(self, model: nn.Module | None = None, *, allow=()):
+    def __init__(self, model: nn.Module | None = None, *, allow=(), name: str | None = None):
         self.check_allow(allow)
         self.allow = frozenset(allow)
         self._scope = None if model is None else {id(m) for m in model.modules()}
         self._scope_params = None if model is None else {id(p) for p in model.parameters()}
+        self._model_name = (id(model), name) if model is not None and name is not None else None
         self.models: list[Root] = []
         self.optimizers: list[StepWatch] = []
         self._roots: dict[int, tuple[weakref.ref, Root | None]] = {}
@@ -182,7 +185,9 @@ class Watcher:
         root = None
         in_scope = self._scope is None or id(module) in self._scope
         if in_scope and next(module.parameters(), None) is not None:  # a loss or transform: not a model
-            root = Root(module, self._unique(name_in(frame, module, type(module).__name__)))
+            named = self._model_name is not None and self._model_name[0] == id(module)
+            name = self._model_name[1] if named else name_in(frame, module, type(module).__name__)
+            root = Root(module, self._unique(name))
             self.models.append(root)
         key = id(module)
 
@@ -275,6 +280,6 @@ class Watcher:
         self.close()
 
 
-def watch(model: nn.Module | None = None, *, allow=()) -> Watcher:
+def watch(model: nn.Module | None = None, *, allow=(), name: str | None = None) -> Watcher:
     """Start watching ``model`` (every model when ``None``) in a plain loop; see :class:`Watcher`."""
-    return Watcher(model, allow=allow)
+    return Watcher(model, allow=allow, name=name)
