@@ -141,7 +141,7 @@ class ModelSpec(_Section):
     @classmethod
     def _paths(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for p in v:
-            if not re.fullmatch(r"\w+(\.\w+)*", p):
+            if not re.fullmatch(r"[^\s.;]+(\.[^\s.;]+)*", p):  # get_submodule's dotted names
                 raise ValueError(f"{p[:60]!r} is not a submodule path (e.g. features or backbone.layer4)")
         return v
 
