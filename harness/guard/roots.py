@@ -22,6 +22,7 @@ class Root:
         # "model.features.1"; the harness's own names ("features.1", "(model)") when called ROOT
         self.names = [n or name if name == ROOT else f"{name}.{n}" if n else name for n, _ in named]
         self.mods = [m for _, m in named]
+        self.classes = {**dict(zip(self.names, (type(m).__name__ for m in self.mods))), name: self.cls}
         self.stochastic = tuple(is_stochastic(m) for m in self.mods)
         self.bn = tuple(is_batchnorm(m) and m.track_running_stats for m in self.mods)
         # Frozen is judged per "governing block": the nearest enclosing module that has parameters

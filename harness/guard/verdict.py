@@ -25,7 +25,7 @@ from harness.guard.roots import EVAL, EVAL_GRAD, TRAIN
 from harness.guard.sites import format_site
 
 MC_DROPOUT = "mc_dropout"
-UNIT = {"missing_zero_grad": "steps"}
+UNIT = {"missing_zero_grad": "step"}
 
 
 @dataclass
@@ -36,6 +36,7 @@ class Finding:
     sites: dict[str, int] = field(default_factory=dict)  # "file:line" -> forwards (steps)
     count: int = 0                  # forwards (steps) that showed it
     of: int | None = None           # steps checked, for missing_zero_grad
+    classes: dict[str, str] = field(default_factory=dict)  # module -> its class, for the text report
 
     @property
     def description(self) -> str:
@@ -81,7 +82,9 @@ def judge(models, optimizers, allow=frozenset(), since: bool = False) -> list[Fi
             for ((flags, _, site), _), n in root.counts(since, late=True):
                 evaluation(root, flags, site, n)
 
-    out = [Finding(kind, model, sorted(mods), {format_site(s): c for s, c in sites.most_common()}, t[0])
+    classes = {r.name: r.classes for r in models}
+    out = [Finding(kind, model, sorted(mods), {format_site(s): c for s, c in sites.most_common()}, t[0],
+                   classes={m: classes[model].get(m, "") for m in sorted(mods)})
            for (kind, model), (mods, sites, t) in found.items()]
     if "missing_zero_grad" not in allow:
         for s in optimizers:
@@ -90,7 +93,8 @@ def judge(models, optimizers, allow=frozenset(), since: bool = False) -> list[Fi
                 checked, carried = checked - s.mark[1], carried - s.mark[2]
             if carried > 0:
                 out.append(Finding("missing_zero_grad", s.name, [s.name],
-                                   {format_site(k): c for k, c in s.sites.most_common()}, carried, checked))
+                                   {format_site(k): c for k, c in s.sites.most_common()}, carried, checked,
+                                   {s.name: s.cls}))
     order = list(FINDINGS)
     return sorted(out, key=lambda f: (order.index(f.kind), f.model))
 
@@ -124,11 +128,12 @@ def format_report(rep: dict, script: str | None = None) -> str:
     lines = [f"mode guard: {len(found)} finding{'s' if len(found) != 1 else ''}{where}" if found
              else f"mode guard: no mode bugs found{where}"]
     for f in found:
-        unit = UNIT.get(f["kind"], "forwards")
+        unit = UNIT.get(f["kind"], "forward")
         lines.append(f"  {f['kind']}: {f['description']}")
-        lines.append(f"    {', '.join(f['modules'])}")
+        lines.append("    " + ", ".join(f"{m} ({f['classes'][m]})" if f["classes"].get(m) else m
+                                        for m in f["modules"]))
         for site, n in list(f["sites"].items())[:5]:
-            lines.append(f"    at {site} ({n} {unit})")
+            lines.append(f"    at {site} ({n} {unit}{'s' if n != 1 else ''})")
         if f["of"] is not None:
             lines.append(f"    gradients carried over in {f['count']} of {f['of']} steps")
     models = ", ".join(
