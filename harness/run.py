@@ -17,8 +17,8 @@ import torch
 from harness import failpoints
 from harness.core.data import Data, load_data
 from harness.core.device import resolve_device
-from harness.core.loop import Diverged, Stopped, evaluate, sanity_check
-from harness.core.models import build_model
+from harness.core.loop import Diverged, Precision, Stopped, evaluate, sanity_check
+from harness.core.models import build_model, check_submodules, has_batchnorm
 from harness.core.modes import Correct, get_policy
 from harness.core.rng import seed_everything
 from harness.epochs import EpochCallback, MetricLog, RunResult, log_guard, train_epochs
@@ -70,13 +70,14 @@ def build(spec: Spec, device: torch.device | None = None, data: Data | None = No
     model = build_model(spec.model, data.input_shape, data.num_classes).to(device)
     if spec.train.channels_last:  # 4-d weights (convolutions) only; the same numbers up to rounding
         model = model.to(memory_format=torch.channels_last)
-    for name in spec.model.freeze:
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise UserError(f"model.freeze: {type(model).__name__} has no submodule {name!r} "
-                            f"(lenet and mlp have 'features' and 'classifier')") from None
     policy = get_policy(spec.mode_bug, spec.model.freeze, spec.train.mc_samples)
+    check_submodules(model, policy.frozen, "model.freeze" if spec.model.freeze else f"mode_bug={spec.mode_bug}")
+    if spec.data.batch_size == 1 and has_batchnorm(model):
+        raise UserError("data.batch_size=1: the model has BatchNorm layers, which cannot train on batches of "
+                        "one example; use a batch size of 2 or more")
+    if device.type == "cuda":  # autotuned convolution algorithms: faster, not bit-reproducible
+        torch.backends.cudnn.benchmark = not spec.train.deterministic
+    policy.precision = Precision(spec.train.amp, device)  # read by train_one_epoch and evaluate
     policy.start_run(model)  # freezes declared submodules before the optimizer sees the parameters
     return Parts(device, data, model, build_optimizer(spec, model), policy)
 

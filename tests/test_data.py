@@ -2,6 +2,7 @@
 MNIST-format files written here (no network); a clear error when the files are missing."""
 from __future__ import annotations
 
+import math
 import struct
 from collections import Counter
 
@@ -10,9 +11,11 @@ import pytest
 import torch
 
 from conftest import all_runs, run_cli
+from fakedata import write_idx
 from harness.core.data import Batches, load_data
-from harness.errors import DataError
-from harness.spec import DataSpec
+from harness.core.loop import train_one_epoch
+from harness.errors import DataError, UserError
+from harness.spec import DataSpec, load_spec
 
 CPU = torch.device("cpu")
 
@@ -222,3 +225,73 @@ def test_missing_mnist_through_the_cli(store, tmp_path):
     assert "train-images-idx3-ubyte" in lines[0] and "data.root" in lines[0]
     assert "Traceback" not in r.stderr + r.stdout
     assert all_runs(store) == []
+
+
+# -- corrupt MNIST-format files: one line naming the file --------------------------------------------
+
+def _raw(root):
+    return root / "MNIST" / "raw"
+
+
+@pytest.mark.parametrize("how, file, words", [
+    ("truncated-images", "train-images-idx3-ubyte", "truncated: its header says 300x28x28 (235216 bytes) but "
+                                                    "the file holds 200016 bytes"),
+    ("truncated-header", "t10k-labels-idx1-ubyte", "truncated (5 bytes, shorter than its 8-byte header)"),
+    ("label-out-of-range", "train-labels-idx1-ubyte", "label 12 at index 7 is out of range 0..9"),
+    ("length-mismatch", "train-images-idx3-ubyte", "300 images but train-labels-idx1-ubyte holds 290 labels"),
+    ("gzipped", "t10k-images-idx3-ubyte", "not an idx3 file of unsigned bytes (magic 0x1f8b0800"),
+])
+def test_corrupt_idx_file_is_one_line_naming_it(mnist_root, how, file, words):
+    raw = _raw(mnist_root)
+    path = raw / file
+    if how == "truncated-images":
+        path.write_bytes(path.read_bytes()[:200_016])
+    elif how == "truncated-header":
+        path.write_bytes(path.read_bytes()[:5])
+    elif how == "label-out-of-range":
+        blob = bytearray(path.read_bytes())
+        blob[8 + 7] = 12
+        path.write_bytes(bytes(blob))
+    elif how == "length-mismatch":
+        x, y = _fake_mnist(300, 0)
+        write_idx(raw, "train", x, y[:290])  # each file's header true to its own length
+        path = raw / "train-images-idx3-ubyte"
+    elif how == "gzipped":
+        path.write_bytes(b"\x1f\x8b\x08\x00" + bytes(40))
+    with pytest.raises(DataError) as e:
+        load_data(DataSpec(dataset="mnist", root=str(mnist_root), download=False), seed=0, device=CPU)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(path)) and words in msg, msg
+
+
+# -- splits that leave nothing to train on -------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, words", [
+    ({"val_fraction": 0.9999}, "data.val_fraction=0.9999 leaves 0 training example(s) of 1438"),
+    ({"val_fraction": 0.999}, "data.val_fraction=0.999 leaves 1 training example(s) of 1438"),
+    ({"limit_train": 1}, "data.limit_train=1 leaves 1 training example"),
+])
+def test_a_split_without_training_data_is_refused(kw, words):
+    with pytest.raises(UserError) as e:
+        load_data(DataSpec(**kw), seed=0, device=CPU)
+    assert words in str(e.value), str(e.value)
+
+
+def test_a_last_batch_of_one_is_dropped_so_batchnorm_trains(tmp_path):
+    # 1438 - 144 validation = 1294 training digits; batches of 431 leave exactly one example at the end.
+    from harness.run import build
+
+    spec = load_spec(None, ["data.batch_size=431", "model.batchnorm=true", "model.arch=mlp"])
+    parts = build(spec)
+    assert parts.data.sizes["train"] == 1294 and len(parts.data.train) == 3
+    m = train_one_epoch(parts.model, parts.data.train, parts.optimizer, parts.device)
+    assert math.isfinite(m["train/loss"])
+
+
+def test_val_fraction_almost_one_never_trains_to_finished(fast_store, tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: nearly-all-val\ndata:\n  val_fraction: 0.9999\nmodel:\n  batchnorm: true\n")
+    r = run_cli("harness.train", str(spec), "--quiet", cwd=tmp_path, timeout=180)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "data.val_fraction=0.9999 leaves 0 training example(s)" in r.stderr
+    assert all_runs(fast_store) == []

@@ -118,3 +118,68 @@ def test_registry_extension_without_touching_the_loop():
         MODELS.pop(name, None)
     with pytest.raises(SpecError):
         load_spec(None, [f"model.arch={name}"])
+
+
+# -- any channel count and image size; the ResNets ------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["lenet", "mlp", "resnet20"])
+@pytest.mark.parametrize("shape", [(3, 32, 32), (3, 8, 8), (4, 20, 12), (1, 5, 5)], ids=str)
+def test_any_channel_count_and_image_size(arch, shape):
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(arch=arch), shape, 7)
+    model.train()
+    out = model(torch.randn(3, *shape))
+    assert out.shape == (3, 7) and torch.isfinite(out).all()
+
+
+def test_lenet_refuses_images_too_small_for_its_pools():
+    with pytest.raises(SpecError, match="lenet needs images of at least 4x4 pixels, got 3x3; use mlp"):
+        build_model(ModelSpec(arch="lenet"), (1, 3, 3), 10)
+
+
+def test_lenet_on_cifar_is_the_tutorial_shape():
+    model = build_model(ModelSpec(arch="lenet"), (3, 32, 32), 10)
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    fc = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    assert first.in_channels == 3 and fc.in_features == 12 * 5 * 5
+
+
+@pytest.mark.parametrize("arch, params, blocks", [("resnet18", 11_173_962, 8), ("resnet20", 272_474, 9)])
+def test_resnets_are_batchnorm_networks_for_small_images(arch, params, blocks):
+    from torchvision.models.resnet import BasicBlock as TorchvisionBlock
+
+    from harness.core.resnet import BasicBlock
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(arch=arch), (3, 32, 32), 10)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert sum(isinstance(m, (BasicBlock, TorchvisionBlock)) for m in model.modules()) == blocks
+    assert _count(model, nn.BatchNorm2d) >= 2 * blocks and _count(model, nn.MaxPool2d) == 0
+    stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert stem.kernel_size == (3, 3) and stem.stride == (1, 1)  # the small-image stem
+    # The last stage still sees 4x4 (resnet18) or 8x8 (resnet20) maps of a 32x32 input.
+    model.eval()
+    maps = []
+    last = [m for m in model.modules() if isinstance(m, (BasicBlock, TorchvisionBlock))][-1]
+    last.register_forward_hook(lambda m, i, o: maps.append(o.shape[-1]))
+    model(torch.zeros(1, 3, 32, 32))
+    assert maps == [4 if arch == "resnet18" else 8]
+    # Its options: dropout before the last layer and input noise; BatchNorm is always there.
+    drop = build_model(ModelSpec(arch=arch, dropout=0.2, noise_std=0.1), (3, 32, 32), 10)
+    assert _count(drop, nn.Dropout) == 1 and _count(drop, GaussianNoise) == 1
+    with pytest.raises(SpecError, match="model.batchnorm: .* has no such option"):
+        load_spec(None, [f"model.arch={arch}", "model.batchnorm=true"])
+
+
+def test_freeze_takes_any_submodule_path():
+    from harness.run import build
+
+    spec = load_spec(None, ["model.arch=resnet20", "model.freeze=[features.3, features.0]", "data.limit_train=64"])
+    parts = build(spec)
+    frozen = parts.model.get_submodule("features.3")
+    assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training
+    assert all(p.requires_grad for p in parts.model.get_submodule("features.4").parameters())
+    assert all(p.requires_grad for p in parts.model.classifier.parameters())
+    with pytest.raises(SpecError, match=r"model.freeze: Net has no submodule 'features.99'; its submodules are "
+                                        r"noise, features, classifier"):
+        build(spec.with_overrides({"model.freeze": ["features.99"]}))

@@ -31,7 +31,7 @@ BAD = [
     ("momentum-one", "optimizer:\n  momentum: 1.0\n", [], "optimizer.momentum"),
     ("momentum-negative-override", GOOD, ["optimizer.momentum=-0.5"], "optimizer.momentum"),
     ("epochs-zero", "train:\n  epochs: 0\n", [], "train.epochs"),
-    ("unknown-dataset", "data:\n  dataset: cifar10\n", [], "data.dataset"),
+    ("unknown-dataset", "data:\n  dataset: imagenet\n", [], "data.dataset"),
     ("unknown-arch-override", GOOD, ["model.arch=resnet9000"], "model.arch"),
     ("unknown-optimizer", "optimizer:\n  name: rmsprop\n", [], "optimizer.name"),
     ("unknown-mode-bug", GOOD, ["mode_bug=forgot_everything"], "mode_bug"),

@@ -20,6 +20,37 @@ from harness.guard import ModeGuard
 CORRECT = Correct()
 
 
+class Precision:
+    """Mixed precision (``train.amp``): the forward pass and loss under ``torch.autocast`` in bf16 or fp16;
+    fp16 also scales the loss (``GradScaler``) so small gradients survive, and skips steps whose
+    gradients overflowed. ``off``: plain float32, no context entered."""
+
+    DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+    def __init__(self, mode: str = "off", device: torch.device | str = "cpu"):
+        if mode not in ("off", *self.DTYPES):
+            raise ValueError(f"amp must be off, bf16 or fp16, got {mode!r}")
+        self.mode, self.device_type = mode, torch.device(device).type
+        self.scaler = torch.amp.GradScaler(self.device_type) if mode == "fp16" else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.mode == "off":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.DTYPES[self.mode])
+
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)  # skipped when a gradient is inf/NaN; the scale then backs off
+            self.scaler.update()
+
+
+FP32 = Precision()
+
+
 class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
 
@@ -45,10 +76,15 @@ def train_one_epoch(
     log_every: int = 10,
     on_running_loss: Callable[[int, float], None] | None = None,
     step_offset: int = 0,
+    precision: Precision | None = None,
 ) -> dict[str, float]:
     """One epoch of training. ``on_running_loss(global_batch_index, mean_loss)`` every ``log_every``
-    batches. Returns ``train/loss`` (mean over examples) and ``train/acc``."""
+    batches. Returns ``train/loss`` (mean over examples) and ``train/acc`` (and on CUDA the epoch's
+    ``train/peak_mem_mb``). ``precision`` None: the one the run attached to the policy, else float32."""
     loss_fn = nn.CrossEntropyLoss()
+    precision = precision or getattr(policy, "precision", FP32)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     policy.start_epoch(model, epoch)  # the textbook: model.train()
     total_loss = torch.zeros((), device=device)
     window_loss = torch.zeros((), device=device)
@@ -57,10 +93,10 @@ def train_one_epoch(
     with _guarded(guard, "train"):
         for i, (x, y) in enumerate(batches, start=1):
             policy.zero_grad(optimizer)  # the textbook: optimizer.zero_grad()
-            out = model(x)
-            loss = loss_fn(out, y)
-            loss.backward()
-            optimizer.step()
+            with precision.autocast():
+                out = model(x)
+                loss = loss_fn(out, y)
+            precision.backward_and_step(loss, optimizer)  # the textbook: loss.backward(); optimizer.step()
             n = y.shape[0]
             total_loss += loss.detach() * n
             window_loss += loss.detach()
@@ -76,7 +112,10 @@ def train_one_epoch(
     mean_loss = float(total_loss) / max(seen, 1)
     if not math.isfinite(mean_loss):
         raise Diverged(f"training loss is {mean_loss} at epoch {epoch}")
-    return {"train/loss": mean_loss, "train/acc": float(correct) / max(seen, 1)}
+    result = {"train/loss": mean_loss, "train/acc": float(correct) / max(seen, 1)}
+    if device.type == "cuda":
+        result["train/peak_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
 
 
 def evaluate(
@@ -88,6 +127,7 @@ def evaluate(
     guard: ModeGuard | None = None,
     prefix: str = "val",
     keep_predictions: bool = False,
+    precision: Precision | None = None,
 ) -> dict:
     """Loss and argmax accuracy over ``batches``. Runs in its own RNG stream (``fork_rng``), so dropout
     at evaluation never shifts the random numbers training sees next: arms stay paired.
@@ -95,6 +135,7 @@ def evaluate(
     With ``keep_predictions`` the result also holds ``predictions`` and ``targets`` (CPU tensors) for
     per-example tests."""
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    precision = precision or getattr(policy, "precision", FP32)
     devices = [device] if device.type == "cuda" else []
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -107,8 +148,9 @@ def evaluate(
         policy.start_eval(model)  # the textbook: model.eval()
         with policy.eval_context(), _AutogradMemory() as graph:  # the textbook: torch.no_grad()
             for x, y in batches:
-                out = policy.predict(model, x)
-                total_loss += loss_fn(out, y).detach()
+                with precision.autocast():
+                    out = policy.predict(model, x)
+                total_loss += loss_fn(out.float(), y).detach()
                 p = out.detach().argmax(1)
                 correct += (p == y).sum()
                 seen += y.shape[0]

@@ -37,7 +37,7 @@ FINDINGS = {
     "eval_in_train_mode": "evaluation forward with modules in training mode (call model.eval() first)",
     "grad_enabled_in_eval": "evaluation forward with autograd on (wrap it in torch.no_grad())",
     "bn_stats_changed_in_eval": "BatchNorm running statistics changed during evaluation",
-    "train_in_eval_mode": "training step with modules in eval mode that were not declared frozen "
+    "train_in_eval_mode": "training step with modules in eval mode that are not frozen "
                           "(call model.train() at the start of every epoch)",
     "frozen_in_train_mode": "training step with frozen modules in training mode "
                             "(put them back in eval() after model.train())",

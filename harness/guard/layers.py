@@ -6,8 +6,11 @@ from torch import nn
 
 
 def is_stochastic(m: nn.Module) -> bool:
-    """Dropout and custom layers that flag themselves ``mode_dependent`` (e.g. GaussianNoise)."""
-    return isinstance(m, nn.modules.dropout._DropoutNd) or bool(getattr(m, "mode_dependent", False))
+    """Dropout, layers with dropout inside (LSTM/GRU between layers, MultiheadAttention on its weights),
+    RReLU, and custom layers that flag themselves ``mode_dependent`` (e.g. GaussianNoise)."""
+    if isinstance(m, (nn.modules.dropout._DropoutNd, nn.RReLU)) or getattr(m, "mode_dependent", False):
+        return True
+    return isinstance(m, (nn.RNNBase, nn.MultiheadAttention)) and m.dropout > 0
 
 
 def is_batchnorm(m: nn.Module) -> bool:

@@ -1,0 +1,29 @@
+"""Gradient accumulation gone wrong: zero_grad() is called once at the start of each epoch instead of
+after each optimizer.step(), so from the second step on every step also applies all the gradients of
+the epoch's earlier steps."""
+# guard-labels: missing_zero_grad
+import torch
+from torch import nn
+
+torch.manual_seed(0)
+X = torch.randn(640, 32)
+y = (X[:, :4].sum(1) > 0).long()
+model = nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Dropout(0.1), nn.Linear(64, 2))
+optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+loss_fn = nn.CrossEntropyLoss()
+accumulation_steps = 4
+micro_batch = 16
+
+for epoch in range(3):
+    model.train()
+    optimizer.zero_grad()
+    for i, start in enumerate(range(0, len(X), micro_batch)):
+        xb, yb = X[start:start + micro_batch], y[start:start + micro_batch]
+        loss = loss_fn(model(xb), yb) / accumulation_steps
+        loss.backward()
+        if (i + 1) % accumulation_steps == 0:
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        acc = (model(X).argmax(1) == y).float().mean().item()
+    print(f"epoch {epoch + 1}: train acc {acc:.3f}")
