@@ -29,13 +29,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.plan import Ablation, load_ablation
 from analysis.effects import analyse, finite
+from analysis.plan import Ablation, load_ablation
 from analysis.report import display_table, write_report
 from analysis.runs import collect, existing_children, report_dir, reuse
 from analysis.scoring import run_scoring
 from analysis.training import run_training
-from harness.cli import positive_int
+from harness.cli import Parser, positive_int
 from harness.core.device import threads_for
 from harness.errors import UserError
 
@@ -156,8 +156,9 @@ def resume_plan(run_id: str, spec_path: str | Path) -> Ablation:
 
     store.setup_mlflow()
     try:
+        store.require_existing(store.tracking_uri())
         parent = MlflowClient().get_run(run_id)
-    except MlflowException:
+    except (MlflowException, UserError):
         raise UserError(f"--resume {run_id}: no such run in this store ({store.tracking_uri()})") from None
     tags, params = parent.data.tags, parent.data.params
     name = load_ablation_name(spec_path)
@@ -212,7 +213,7 @@ def _log_parent_end(t, ab: Ablation, table: pd.DataFrame, files: dict, wall: flo
 # -- command line ----------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m analysis.ablation",
         description="Run a paired ablation study of mode bugs (and other axes) and report it.",
         epilog="example: python -m analysis.ablation experiments/ablations/mode_bugs.yaml "

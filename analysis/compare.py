@@ -15,6 +15,7 @@ from typing import Sequence
 
 import pandas as pd
 
+from harness.cli import Parser
 from harness.errors import UserError
 
 NONE = "(unset)"
@@ -35,17 +36,25 @@ def load_runs(experiment: str, metric: str, *, filter_string: str = "",
     ``include_stopped``: their last value is from an earlier epoch than everyone else's."""
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     from harness.tracking import store
 
     store.setup_mlflow()
+    store.require_existing(store.tracking_uri())
     exp = MlflowClient().get_experiment_by_name(experiment)
     if exp is None:
         names = sorted(e.name for e in MlflowClient().search_experiments())
         raise UserError(f"--experiment {experiment!r}: no such experiment in {store.tracking_uri()} "
                         f"(experiments: {', '.join(names) or 'none'})")
-    df = mlflow.search_runs(experiment_ids=[exp.experiment_id], filter_string=filter_string,
-                            output_format="pandas", max_results=50_000)
+    try:
+        df = mlflow.search_runs(experiment_ids=[exp.experiment_id], filter_string=filter_string,
+                                output_format="pandas", max_results=50_000)
+    except MlflowException as e:
+        if not filter_string:
+            raise
+        raise UserError(f"--filter {filter_string!r}: {str(e).splitlines()[0][:150]}; write MLflow's search "
+                        f"syntax, e.g. \"params.seed = '0' and metrics.`val/acc` > 0.9\"") from None
     col = f"metrics.{metric}"
     if df.empty or col not in df.columns:
         available = sorted(c[len("metrics."):] for c in df.columns if c.startswith("metrics."))
@@ -157,7 +166,7 @@ def _val(v) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m analysis.compare", description=__doc__.splitlines()[0],
+    p = Parser(prog="python -m analysis.compare", description=__doc__.splitlines()[0],
                                 epilog="example: python -m analysis.compare --experiment digits-lenet "
                                        "--group-by model.dropout --metric val/acc")
     p.add_argument("--experiment", required=True, help="MLflow experiment name (the spec's name)")

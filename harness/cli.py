@@ -1,6 +1,7 @@
 """What every entry point shares: logging set-up and turning user errors into one line + exit 2."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -21,10 +22,16 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are one line, like every other user error: what is wrong, and where to
+    read the usage (argparse's default prints the whole usage block above it)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def positive(cast: type, what: str):
     """An argparse type: ``cast(text)`` that must be > 0, else argparse's one-line usage error (exit 2)."""
-    import argparse
-
     def parse(text: str):
         try:
             v = cast(text)

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from harness.spec import Spec
 
 EpochCallback = Callable[[int, dict], None]
+# What every epoch logs (step = epoch); on CUDA also train/peak_mem_mb and val/peak_mem_mb.
+EPOCH_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/seconds", "val/autograd_mb",
+                 "time/train_epoch_s", "mode_guard/findings", "train/peak_mem_mb", "val/peak_mem_mb")
 
 
 @dataclass

@@ -43,9 +43,9 @@ def resume_point(tracker: Tracker, spec: Spec, model, optimizer) -> ResumePoint:
     run_id = tracker.run_id
     try:
         snap = tracker.snapshot()
-    except Exception as e:
-        raise UserError(f"--resume {run_id}: no such run in this store ({str(e).splitlines()[0][:120]}); "
-                        f"check MLFLOW_TRACKING_URI and the run id") from None
+    except Exception:
+        raise UserError(f"--resume {run_id}: no such run in the store MLFLOW_TRACKING_URI points at; check "
+                        f"it and the run id") from None
     state, source, torn = _newest_checkpoint(tracker)
     old = {k: str(v) for k, v in (state.get("spec") or {}).items()} if state else {}
     old = old or {k: v for k, v in snap.params.items()}

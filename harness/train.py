@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from harness.cli import Parser
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m harness.train",
         description="Train one experiment spec and log it to MLflow "
                     "(MLFLOW_TRACKING_URI, default sqlite:///mlflow.db).",

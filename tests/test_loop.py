@@ -191,7 +191,7 @@ def test_channels_last_gives_the_same_run_up_to_rounding():
     assert b.history["train/loss"] == c.history["train/loss"]  # deterministic in this layout too
     for k in ("train/loss", "val/loss", "val/acc"):
         assert b.history[k] == pytest.approx(a.history[k], rel=1e-4, abs=1e-4), k
-    assert tracker.params["train.channels_last"] == "True"  # params are strings, as in MLflow
+    assert tracker.params["train.channels_last"] is True
 
 
 # -- divergence ----------------------------------------------------------------------------------------

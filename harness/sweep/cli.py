@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from harness.cli import positive, positive_int, sigterm_as_interrupt
+from harness.cli import Parser, positive, positive_int, sigterm_as_interrupt
 
 DEFAULT_SPEC = "experiments/digits_lenet.yaml"
 # 30 trials x 20 epochs of LeNet on digits: ~1 s a trial on a laptop core, about a minute of training
@@ -22,7 +22,7 @@ PRUNERS = ("median", "hyperband", "none")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m harness.sweep",
         description="Search the spec's search: block (default optimizer.lr, optimizer.momentum, "
                     "model.dropout) with Optuna; every trial is a child MLflow run under one parent run "

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import optuna
 
+from harness.epochs import EPOCH_METRICS
+from harness.errors import SpecError
 from harness.spec import Spec, load_spec
 from harness.sweep import space as sp
 from harness.sweep import storage as sto
@@ -43,15 +45,18 @@ def open_context(args, label: str = "", on_stale=None) -> Context:
     """Load the spec, open (or create) the study and set up MLflow; user mistakes are UserErrors.
     ``on_stale(study, trial)`` handles each trial the RDB heartbeat finds dead."""
     spec = load_spec(args.spec, args.overrides)
+    if spec.search.metric not in EPOCH_METRICS:
+        raise SpecError(f"search.metric: {spec.search.metric!r} is not a metric a run logs every epoch; "
+                        f"choose one of {', '.join(m for m in EPOCH_METRICS if 'peak' not in m)}")
     space = sp.distributions(spec)
     n_trials = args.n_trials
     if args.sampler == "grid":
         n_trials = min(n_trials, sp.grid_size(space))
-    store.setup_mlflow()
-    exp_id = store.experiment_id(spec.name)
+    store.setup_mlflow()  # checked, not created: nothing is made until both stores answer
     storage = sto.optuna_storage(
         args.storage, args.workers, heartbeat_interval=args.heartbeat or sto.HEARTBEAT_INTERVAL_S,
         on_stale=on_stale)
+    exp_id = store.experiment_id(spec.name)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = args.study or st.default_study_name(spec)
     with sto.quiet_experimental():

@@ -15,12 +15,12 @@ import argparse
 import os
 import sys
 
+from harness.cli import Parser
 from harness.errors import mask_url
 from harness.sweep import storage as sto
 from harness.sweep.doctor_checks import (GRACE_PERIOD_S, MLFLOW_TABLES, OPTUNA_TABLES, STALE_AFTER_S,
                                          Report, Schema, alembic_revision, check_database,
                                          check_optuna)
-
 
 # -- MLflow ------------------------------------------------------------------------------------------
 
@@ -134,7 +134,7 @@ def print_report(r: Report, file=sys.stdout) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m harness.doctor",
         description="Check the Optuna storage and the MLflow store (MLFLOW_TRACKING_URI) before a sweep: "
                     "reachable, schema ready, SQLite not used with several workers, no stale RUNNING "

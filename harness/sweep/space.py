@@ -35,6 +35,13 @@ def distributions(spec: Spec) -> dict[str, BaseDistribution]:
             except SpecError as e:
                 raise SpecError(f"{where}: the value {end!r} in the search range is not valid for the "
                                 f"spec ({str(e).split(': ', 1)[-1]}); narrow the range") from None
+        inside = _inside(out[key])
+        if inside is not None:
+            try:
+                spec.with_overrides({key: inside})
+            except SpecError:  # the ends were whole numbers; a value between them is not
+                raise SpecError(f"{where}: a float range, but {key} takes whole numbers only (the trials "
+                                f"would fail on {inside!r}); write type: int") from None
     if not out:
         raise SpecError("search.params: nothing to search; declare at least one parameter")
     return out
@@ -50,6 +57,14 @@ def _distribution(p: SearchParam) -> BaseDistribution:
     return FloatDistribution(float(p.low), float(p.high), log=p.log, step=p.step)
 
 
+def _inside(d: BaseDistribution) -> float | None:
+    """A value strictly inside a float range that no int field accepts (None for other ranges)."""
+    if not isinstance(d, FloatDistribution):
+        return None
+    v = d.low + (d.high - d.low) * 0.37
+    return v if v != int(v) else v + min(0.5, (d.high - v) / 2)
+
+
 def _ends(d: BaseDistribution) -> list[Any]:
     if isinstance(d, CategoricalDistribution):
         return list(d.choices)
@@ -57,24 +72,33 @@ def _ends(d: BaseDistribution) -> list[Any]:
 
 
 def grid(space: dict[str, BaseDistribution]) -> dict[str, list[Any]]:
-    """Every point of a grid search: choices, every int step, every float step."""
+    """Every point of a grid search: choices, every int step, every float step. The size is checked
+    before a single point is made (a careless step could ask for billions)."""
+    counts = {key: _grid_count(key, d) for key, d in space.items()}
+    size = math.prod(counts.values())
+    if size > GRID_MAX_POINTS:
+        raise SpecError(f"search.params: the grid has {size:,} points (more than {GRID_MAX_POINTS:,}); "
+                        f"use larger steps or --sampler tpe")
     out: dict[str, list[Any]] = {}
     for key, d in space.items():
         if isinstance(d, CategoricalDistribution):
             out[key] = list(d.choices)
         elif isinstance(d, IntDistribution):
             out[key] = list(range(d.low, d.high + 1, d.step))
-        elif d.step is not None:  # type: ignore[union-attr]
-            n = int(round((d.high - d.low) / d.step)) + 1  # type: ignore[union-attr]
-            out[key] = [float(round(d.low + i * d.step, 12)) for i in range(n)]  # type: ignore[union-attr]
         else:
-            raise SpecError(f"search.params.{key}: the grid sampler needs a 'step' or 'choices' for "
-                            f"a float parameter (or use --sampler tpe)")
-    size = math.prod(len(v) for v in out.values())
-    if size > GRID_MAX_POINTS:
-        raise SpecError(f"search.params: the grid has {size} points (more than {GRID_MAX_POINTS}); "
-                        f"use larger steps or --sampler tpe")
+            out[key] = [float(round(d.low + i * d.step, 12)) for i in range(counts[key])]  # type: ignore
     return out
+
+
+def _grid_count(key: str, d: BaseDistribution) -> int:
+    if isinstance(d, CategoricalDistribution):
+        return len(d.choices)
+    if isinstance(d, IntDistribution):
+        return (d.high - d.low) // d.step + 1
+    if d.step is None:  # type: ignore[union-attr]
+        raise SpecError(f"search.params.{key}: the grid sampler needs a 'step' or 'choices' for "
+                        f"a float parameter (or use --sampler tpe)")
+    return int(round((d.high - d.low) / d.step)) + 1  # type: ignore[union-attr]
 
 
 # -- sampler and pruner -----------------------------------------------------------------------------

@@ -35,12 +35,18 @@ class MlflowTracker:
     MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100
 
     def __init__(self, run_id: str | None = None):
-        from mlflow import MlflowClient
-
-        store.setup_mlflow()
+        store.setup_mlflow()  # checked here; a local store is created by the first run, not before
         self.run_id = run_id
-        self.client = MlflowClient()
+        self._client = None
         self._metrics: list = []
+
+    @property
+    def client(self):
+        if self._client is None:  # MLflow creates a local database on first contact
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient()
+        return self._client
 
     # -- the run's life --------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -117,6 +123,7 @@ class MlflowTracker:
             self.client.log_batch(self.run_id, metrics=pending[i:i + self.MAX_METRICS], synchronous=True)
 
     def snapshot(self) -> RunSnapshot:
+        store.require_existing(store.tracking_uri())
         run = self.client.get_run(self.run_id)
         last = {}
         for key in run.data.metrics:

@@ -6,6 +6,7 @@ overrides it. (The Optuna side of a sweep is ``harness.sweep.storage``.)
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import urllib.parse
 import urllib.request
@@ -20,6 +21,64 @@ ARTIFACTS_DIR = "mlruns"
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mssql", "http", "https", "databricks")
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Refuse, in one line, a tracking URI that cannot work, before MLflow makes anything of it."""
+    shown = f"MLFLOW_TRACKING_URI={mask_url(uri)}"
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    if scheme in ("", "file"):
+        raise StoreError(f"{shown}: MLflow's old file store is not supported (MLflow 3.13+ refuses it); use "
+                         f"sqlite:///mlflow.db (the default) or a tracking server http://...")
+    if scheme not in _SCHEMES:
+        raise StoreError(f"{shown}: unknown scheme {scheme!r}; use sqlite:///PATH, postgresql://..., "
+                         f"mysql://... or http(s)://HOST (a tracking server)")
+    if scheme == "sqlite":
+        db = sqlite_path(uri)
+        if db is not None:
+            check_sqlite_file(db, shown, "SQLite database")
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a ``sqlite:///PATH`` URI (None: in memory)."""
+    path = uri.split(":///", 1)[1] if ":///" in uri else ""
+    return None if not path or path.startswith(":memory:") else Path(path.split("?", 1)[0])
+
+
+MLFLOW_TABLES = frozenset({"experiments", "runs", "metrics", "params"})
+OPTUNA_TABLES = frozenset({"studies", "trials", "trial_values", "trial_params"})
+
+
+def check_sqlite_file(db: Path, shown: str, what: str, foreign: frozenset[str] = OPTUNA_TABLES,
+                      foreign_tool: str = "Optuna") -> None:
+    """A SQLite file that exists must be one, and not the other tool's (Optuna and MLflow both keep an
+    alembic_version table: sharing a file breaks both); one that does not exist must have a directory
+    it can go in."""
+    if db.is_dir():
+        raise StoreError(f"{shown}: {db} is a directory; name a {what} file in it, e.g. {db / 'mlflow.db'}")
+    if db.exists():
+        try:
+            with open(db, "rb") as f:
+                head = f.read(len(SQLITE_HEADER))
+        except OSError as e:
+            raise StoreError(f"{shown}: cannot read {db} ({e.strerror}); check its permissions") from None
+        if head and head != SQLITE_HEADER:
+            raise StoreError(f"{shown}: {db} is not a SQLite database (another kind of file); point it at a "
+                             f"new file name or an existing {what}")
+        if head and _tables(db) & foreign:
+            raise StoreError(f"{shown}: {db} holds {foreign_tool}'s tables; give each tool its own "
+                             f"database file")
+        return
+    parent = db.parent if str(db.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"{shown}: cannot create the directory {parent} ({e.strerror}); choose a path you "
+                         f"can write") from None
 
 
 def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
@@ -58,6 +117,7 @@ def setup_mlflow() -> str:
     import mlflow
 
     uri = tracking_uri()
+    check_tracking_uri(uri)
     check_tracking_server(uri)
     bare, user, password = split_credentials(uri)
     if password is not None:
@@ -66,21 +126,31 @@ def setup_mlflow() -> str:
         os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user or "")
         os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password)
     mlflow.set_tracking_uri(bare)
-    _create_once(bare)
     return uri
 
 
 _ready: set[str] = set()
 
 
-def _create_once(uri: str) -> None:
+def require_existing(uri: str) -> None:
+    """For commands that only read: a local store that does not exist yet is one line, not a new empty
+    database (MLflow creates one on first contact)."""
+    db = sqlite_path(uri) if uri.startswith("sqlite") else None
+    if db is not None and not db.exists():
+        raise StoreError(f"MLFLOW_TRACKING_URI={mask_url(uri)}: no MLflow store at {db} (nothing was run "
+                         f"here yet); run from the folder you trained in, or set MLFLOW_TRACKING_URI")
+
+
+def create_once(uri: str) -> None:
     """Create (or migrate) a local SQLite store under a file lock: two commands started at once on a
     fresh store would otherwise both run MLflow's schema migration, and one dies in alembic."""
     if uri in _ready or not uri.startswith("sqlite:///"):
         return
     from mlflow import MlflowClient
 
-    db = Path(uri[len("sqlite:///"):])
+    db = sqlite_path(uri)
+    if db is None:
+        return
     with file_lock(db.with_name(db.name + ".harness-lock")):
         MlflowClient(uri).search_experiments(max_results=1)
     _ready.add(uri)
@@ -101,6 +171,7 @@ def experiment_id(name: str) -> str:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    create_once(tracking_uri())
     client = MlflowClient()
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -125,3 +196,13 @@ def mlflow_ui_command() -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser (the tracking server is the UI)"
     return f"mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)"
+
+
+def _tables(db: Path) -> set[str]:
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error:
+        return set()

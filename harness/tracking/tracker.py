@@ -90,7 +90,7 @@ class MemoryTracker:
         self.status = final_status(None)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        self.params.update({k: param_str(v) for k, v in params.items()})
+        self.params.update(params)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         for k, v in metrics.items():
@@ -132,7 +132,8 @@ class MemoryTracker:
         return True
 
     def snapshot(self) -> RunSnapshot:
-        return RunSnapshot(self.status or "RUNNING", dict(self.params), dict(self.tags),
+        return RunSnapshot(self.status or "RUNNING", {k: param_str(v) for k, v in self.params.items()},
+                           dict(self.tags),
                            {k: max(step for step, _ in v) for k, v in self.metrics.items() if v},
                            has_model=self.model is not None)
 
