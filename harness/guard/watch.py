@@ -77,7 +77,8 @@ class Watcher:
         self._opts: dict[int, tuple[weakref.ref, StepWatch | None]] = {}
         self._names: set[str] = set()
         self._pending: weakref.WeakSet[_Pending] = weakref.WeakSet()
-        self._active: nn.Module | None = None
+        self._active = 0  # id() of the root module whose forward is running; an int, which the
+        # tracer of torch.compile reads without fuss (it also runs these hooks, and must find no-ops)
         self._current: tuple | None = None
         self.error: str | None = None
         self._handles = [
@@ -95,9 +96,9 @@ class Watcher:
 
     # -- the hooks: cheap on every module call, and never allowed to break the script -------------
     def _pre(self, module: nn.Module, args) -> None:
-        if is_compiling() or self._active is not None:  # torch.compile traces these hooks: no-ops there
+        if self._active or is_compiling():  # nested in a model's forward, or traced by torch.compile
             return
-        self._active, self._current = module, None
+        self._active, self._current = id(module), None
         try:
             frame = caller()
             if frame is None:  # a forward torch runs on purpose (sites.DELIBERATE_*)
@@ -117,9 +118,9 @@ class Watcher:
             self._fail(e)
 
     def _post(self, module: nn.Module, args, output) -> None:
-        if is_compiling() or module is not self._active:
+        if id(module) != self._active or is_compiling():
             return
-        self._active, current, self._current = None, self._current, None
+        self._active, current, self._current = 0, self._current, None
         if current is None:
             return
         try:
@@ -156,7 +157,7 @@ class Watcher:
     def _step(self, optimizer, args, kwargs) -> None:
         if is_compiling():
             return
-        self._active = None  # a forward interrupted by Ctrl-C never ran its post hook
+        self._active = 0  # a forward interrupted by Ctrl-C never ran its post hook
         try:
             entry = self._opts.get(id(optimizer))
             if entry is None or entry[0]() is not optimizer:
