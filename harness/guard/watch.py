@@ -68,8 +68,8 @@ class Watcher:
     def __init__(self, model: nn.Module | None = None, *, allow=(), name: str | None = None):
         self.check_allow(allow)
         self.allow = frozenset(allow)
-        self._scope = None if model is None else {id(m) for m in model.modules()}
-        self._scope_params = None if model is None else {id(p) for p in model.parameters()}
+        self._scope = None if model is None else weakref.ref(model)  # read at first sights: layers
+        # built later (Lightning's configure_model) belong to it too
         self._model_name = (id(model), name) if model is not None and name is not None else None
         self.models: list[Root] = []
         self.optimizers: list[StepWatch] = []
@@ -184,7 +184,8 @@ class Watcher:
     # -- first sight of a model or an optimizer ----------------------------------------------------
     def _first_sight(self, module: nn.Module, frame) -> tuple:
         root = None
-        in_scope = self._scope is None or id(module) in self._scope
+        scope = self._scope() if self._scope is not None else None
+        in_scope = self._scope is None or scope is not None and any(m is module for m in scope.modules())
         if in_scope and next(module.parameters(), None) is not None:  # a loss or transform: not a model
             named = self._model_name is not None and self._model_name[0] == id(module)
             name = self._model_name[1] if named else name_in(frame, module, type(module).__name__)
@@ -203,7 +204,9 @@ class Watcher:
 
     def _first_step(self, optimizer) -> tuple:
         sw = StepWatch(optimizer, "")
-        if self._scope_params is not None and sw.param_ids.isdisjoint(self._scope_params):
+        scope = self._scope() if self._scope is not None else None
+        outside = scope is None or sw.param_ids.isdisjoint(id(p) for p in scope.parameters())
+        if self._scope is not None and outside:
             sw = None
         else:
             # An optimizer built anew for the same parameters (in every epoch, even every step) goes
