@@ -81,6 +81,9 @@ def datasets(n=200, item="ok"):
 def one_thing():
     return blobs()[0]
 
+def bare_tensor():
+    return torch.zeros(10, 1, 4, 4)
+
 def three_things():
     return (*blobs(), 4)
 
@@ -160,7 +163,7 @@ BROKEN = [
     ("no-module", ["model.arch=nosuch_module_xyz:net"], "net", "blobs",
      "model.arch: no module named 'nosuch_module_xyz'"),
     ("no-attribute", [], "nope", "blobs", "has no attribute 'nope'"),
-    ("not-callable", [], "CONSTANT", "blobs", "is a int, not a function or class"),
+    ("not-callable", [], "CONSTANT", "blobs", "is a value of type int, not a function or class"),
     ("not-an-import-path", ["model.arch=my project:net"], "net", "blobs", "unknown architecture 'my project:net'"),
     ("unknown-arg", ["model.args={widht: 3}"], "net", "blobs", "model.args: MOD:net(input_shape, num_classes, "
                                                               "width=8) cannot be called with"),
@@ -196,6 +199,7 @@ CALLED = [
     ("data-one-thing", [], "net", "one_thing", "training set is a single (180, 2, 6, 6) array; return "
                                                "((x_train, y_train), (x_test, y_test))"),
     ("data-three-things", [], "net", "three_things", "must return (train, test)"),
+    ("data-bare-tensor", [], "net", "bare_tensor", "must return (train, test); it returned tensor([[[[0., 0., 0., 0.], "),
     ("data-raises", [], "net", "data_raises", "data.dataset: MOD:data_raises raised FileNotFoundError: /data/my_set.h5"),
     ("data-mismatched", [], "net", "mismatched", "training set has 180 images but 178 labels"),
     ("data-float-labels", [], "net", "float_labels", "labels must be a 1-d tensor of integer class indices"),

@@ -129,6 +129,15 @@ def test_report_file_and_fail(script, tmp_path, capsys):
     assert "stopping: out of patience" in capsys.readouterr().err
 
 
+def test_the_report_lands_where_the_user_meant_even_if_the_script_changes_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # restored after the test, whatever the script does
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "cd.py").write_text("import os\nos.chdir('elsewhere')\n")
+    assert main(["--report", "r.json", "cd.py"]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["exit_status"] == 0
+    assert not (tmp_path / "elsewhere" / "r.json").exists()
+
+
 def test_options_after_the_script_belong_to_the_script(script, tmp_path, capsys):
     assert main([str(script), "--fail", "--report", str(tmp_path / "r.json")]) == 0
     out = json.loads(capsys.readouterr().out)

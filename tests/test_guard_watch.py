@@ -369,3 +369,20 @@ def test_watch_of_one_model_ignores_the_others_and_end_epoch_reports_each_epoch(
 def test_unknown_allow_kind_is_refused():
     with pytest.raises(ValueError, match="cannot allow mc_drop"):
         Watcher(allow=["mc_drop"])
+
+
+def test_torch_compile_traces_the_hooks_as_no_ops():
+    """torch.compile runs the global hooks through its tracer: the script must not break, and a model
+    compiled with torch.compile(model) is still watched from outside."""
+    model = mlp()
+    compiled = torch.compile(model, backend="eager")  # the tracer without a C++ compiler
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with watch() as guard:
+        for x, y in data(3):
+            opt.zero_grad()
+            F.cross_entropy(compiled(x), y).backward()
+            opt.step()
+        with torch.no_grad():
+            compiled(data(1)[0][0])  # model.eval() forgotten
+    assert guard.summary() == {"eval_in_train_mode": ["compiled._orig_mod.1", "compiled._orig_mod.3"],
+                               "bn_stats_changed_in_eval": ["compiled._orig_mod.1"]}

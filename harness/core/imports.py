@@ -27,7 +27,7 @@ class FactoryError(ValueError):
 
 def short(value: Any, limit: int = 80) -> str:
     """``repr(value)`` cut to ``limit`` characters: an error line never echoes a huge input back."""
-    text = repr(value)
+    text = " ".join(repr(value).split())  # one line, whatever the repr (a tensor's has newlines)
     return text if len(text) <= limit else f"{text[:limit - 15]}...({len(text)} chars)"
 
 
@@ -65,7 +65,7 @@ def resolve(path: str) -> Callable:
             raise FactoryError(f"{module_name!r} ({where}) has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise FactoryError(f"{path} is a {type(obj).__name__}, not a function or class")
+        raise FactoryError(f"{path} is a value of type {type(obj).__name__}, not a function or class")
     return obj
 
 

@@ -67,6 +67,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, str, list[str]]:
         folder = os.path.dirname(os.path.abspath(opts.report))
         if not os.path.isdir(folder):
             raise UserError(f"--report {opts.report}: no such directory {folder}")
+        opts.report = os.path.abspath(opts.report)  # where the user meant, even if the script chdir()s
     return opts, rest[0], rest[1:]
 
 

@@ -68,8 +68,8 @@ class Watcher:
     def __init__(self, model: nn.Module | None = None, *, allow=(), name: str | None = None):
         self.check_allow(allow)
         self.allow = frozenset(allow)
-        self._scope = None if model is None else {id(m) for m in model.modules()}
-        self._scope_params = None if model is None else {id(p) for p in model.parameters()}
+        self._scope = None if model is None else weakref.ref(model)  # read at first sights: layers
+        # built later (Lightning's configure_model) belong to it too
         self._model_name = (id(model), name) if model is not None and name is not None else None
         self.models: list[Root] = []
         self.optimizers: list[StepWatch] = []
@@ -77,7 +77,8 @@ class Watcher:
         self._opts: dict[int, tuple[weakref.ref, StepWatch | None]] = {}
         self._names: set[str] = set()
         self._pending: weakref.WeakSet[_Pending] = weakref.WeakSet()
-        self._active: nn.Module | None = None
+        self._active = 0  # id() of the root module whose forward is running; an int, which the
+        # tracer of torch.compile reads without fuss (it also runs these hooks, and must find no-ops)
         self._current: tuple | None = None
         self.error: str | None = None
         self._handles = [
@@ -95,9 +96,9 @@ class Watcher:
 
     # -- the hooks: cheap on every module call, and never allowed to break the script -------------
     def _pre(self, module: nn.Module, args) -> None:
-        if is_compiling() or self._active is not None:  # torch.compile traces these hooks: no-ops there
+        if self._active or is_compiling():  # nested in a model's forward, or traced by torch.compile
             return
-        self._active, self._current = module, None
+        self._active, self._current = id(module), None
         try:
             frame = caller()
             if frame is None:  # a forward torch runs on purpose (sites.DELIBERATE_*)
@@ -117,9 +118,9 @@ class Watcher:
             self._fail(e)
 
     def _post(self, module: nn.Module, args, output) -> None:
-        if is_compiling() or module is not self._active:
+        if id(module) != self._active or is_compiling():
             return
-        self._active, current, self._current = None, self._current, None
+        self._active, current, self._current = 0, self._current, None
         if current is None:
             return
         try:
@@ -156,7 +157,7 @@ class Watcher:
     def _step(self, optimizer, args, kwargs) -> None:
         if is_compiling():
             return
-        self._active = None  # a forward interrupted by Ctrl-C never ran its post hook
+        self._active = 0  # a forward interrupted by Ctrl-C never ran its post hook
         try:
             entry = self._opts.get(id(optimizer))
             if entry is None or entry[0]() is not optimizer:
@@ -183,7 +184,8 @@ class Watcher:
     # -- first sight of a model or an optimizer ----------------------------------------------------
     def _first_sight(self, module: nn.Module, frame) -> tuple:
         root = None
-        in_scope = self._scope is None or id(module) in self._scope
+        scope = self._scope() if self._scope is not None else None
+        in_scope = self._scope is None or scope is not None and any(m is module for m in scope.modules())
         if in_scope and next(module.parameters(), None) is not None:  # a loss or transform: not a model
             named = self._model_name is not None and self._model_name[0] == id(module)
             name = self._model_name[1] if named else name_in(frame, module, type(module).__name__)
@@ -202,7 +204,9 @@ class Watcher:
 
     def _first_step(self, optimizer) -> tuple:
         sw = StepWatch(optimizer, "")
-        if self._scope_params is not None and sw.param_ids.isdisjoint(self._scope_params):
+        scope = self._scope() if self._scope is not None else None
+        outside = scope is None or sw.param_ids.isdisjoint(id(p) for p in scope.parameters())
+        if self._scope is not None and outside:
             sw = None
         else:
             # An optimizer built anew for the same parameters (in every epoch, even every step) goes

@@ -41,15 +41,16 @@ def _args(v: dict[str, Any], owner: str) -> dict[str, Any]:
                 check(item, f"{where}[{i}]", depth + 1)
         elif isinstance(x, dict):
             for k, item in x.items():
-                if not isinstance(k, str) or not re.fullmatch(r"\w+", k):
-                    raise ValueError(f"{where}: key {str(k)[:40]!r} must be letters, digits and _")
+                if not isinstance(k, str) or not re.fullmatch(r"\w{1,64}", k):
+                    raise ValueError(f"{where}: key {str(k)[:40]!r} must be 1-64 letters, digits and _")
                 check(item, f"{where}.{k}", depth + 1)
         elif x is not None and not isinstance(x, (bool, int, float, str)):
             raise ValueError(f"{where}: {type(x).__name__} is not a plain YAML value")
 
     for name, value in v.items():
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ValueError(f"{str(name)[:40]!r} is not a keyword argument name for {owner}")
+        if not isinstance(name, str) or not name.isidentifier() or len(name) > 64:
+            raise ValueError(f"{str(name)[:40]!r} is not a keyword argument name for {owner} (a Python "
+                             f"identifier of at most 64 characters: it becomes an MLflow param name)")
         check(value, name, 0)
     return v
 
