@@ -76,6 +76,7 @@ def _run_ablation(ab: Ablation, *, workers, out, resume, echo) -> AblationResult
         ab = ab.with_threads(threads_for(workers))
         echo(f"{workers} workers: every run uses train.threads={ab.base.train.threads} (a param of each "
              f"run: harness.train with that override reproduces it)")
+    _preflight(ab)
     store.setup_mlflow()
     exp_id = store.experiment_id(ab.experiment)
     parent_tags = {"ablation": ab.spec.name, "ablation.role": "parent"}
@@ -113,6 +114,22 @@ def _run_ablation(ab: Ablation, *, workers, out, resume, echo) -> AblationResult
                              failures=failures)
         _log_parent_end(tracker, ab, table, files, wall)
     return AblationResult(parent, table, runs, files, wall, failures)
+
+
+def _preflight(ab: Ablation) -> None:
+    """Build every arm once (its data, model and optimizer) before the parent run exists: a broken
+    model or dataset factory, or a freeze path an arm gets wrong, is one line and no half-made study."""
+    from harness.core.data import load_data
+    from harness.core.device import resolve_device
+    from harness.run import build
+
+    loaded: dict[str, object] = {}
+    for arm in ab.arms.values():
+        spec = ab.arm_spec(arm.name, ab.seeds[0])
+        key = spec.data.model_dump_json()
+        if key not in loaded:
+            loaded[key] = load_data(spec.data, spec.seed, resolve_device(spec.train.device))
+        build(spec, data=loaded[key])
 
 
 def _log_parent_start(t, ab: Ablation, resumed: bool) -> None:

@@ -173,8 +173,8 @@ def write_report(ab: Ablation, table: pd.DataFrame, runs: pd.DataFrame, out: Pat
         for arm in ab.arms.values():
             if arm.scored != "train":
                 continue
-            mine = runs[(runs["arm"] == arm.name) & runs["history"].notna()] if "history" in runs else runs.iloc[0:0]
-            groups[arm.name] = [h[key] for h in mine["history"] if h and h.get(key)]
+            histories = runs.loc[runs["arm"] == arm.name, "history"].dropna() if "history" in runs else []
+            groups[arm.name] = [h[key] for h in histories if h and h.get(key)]  # none if every run failed
         panels.append((key, groups))
     plot_curves(panels, files["curves"], title=f"{title}: trained arms, mean ± std over seeds",
                 log_metrics=("train/loss",))

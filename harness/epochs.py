@@ -101,7 +101,7 @@ def _checkpoint(spec: Spec, parts: Parts, tracker: Tracker, folder: Path, epoch:
     path = ckpt.save_checkpoint(folder / "last.pt", model=parts.model, optimizer=parts.optimizer,
                                 epoch=epoch, spec_hash=spec.hash(), best=best, history=history,
                                 spec={k: param_str(v) for k, v in spec.params().items()},
-                                grads=parts.policy.carries_gradients)
+                                grads=parts.policy.carries_gradients, scaler=_scaler(parts))
     tracker.log_artifact(failpoints.torn_copy(path, "mid_checkpoint_upload"), "checkpoints")
     failpoints.reach("mid_checkpoint_upload")
     if improved:
@@ -117,3 +117,8 @@ def log_guard(tracker: Tracker, guard: ModeGuard, report: dict, epoch: int) -> i
         tracker.set_tags({f"mode_guard.{k}": ",".join(run_wide[k]) for k in report["findings"]})
     tracker.log_dict(guard.ledger.get(epoch, {}), f"mode_guard/ledger/epoch-{epoch:04d}.json")
     return report["count"]
+
+
+def _scaler(parts: Parts):
+    precision = getattr(parts.policy, "precision", None)
+    return precision.scaler if precision is not None else None

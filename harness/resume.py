@@ -37,7 +37,7 @@ class ResumePoint:
     changes: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
-def resume_point(tracker: Tracker, spec: Spec, model, optimizer) -> ResumePoint:
+def resume_point(tracker: Tracker, spec: Spec, model, optimizer, scaler=None) -> ResumePoint:
     """Load the newest whole checkpoint of ``tracker``'s run into ``model`` and ``optimizer`` (nothing
     when there is none: the run starts over, as it started the first time) and say where to go on."""
     run_id = tracker.run_id
@@ -67,7 +67,7 @@ def resume_point(tracker: Tracker, spec: Spec, model, optimizer) -> ResumePoint:
         if epoch == spec.train.epochs and snap.status == "FINISHED" and "test/acc" in snap.last_steps:
             raise UserError(f"--resume {run_id}: the run already finished all {epoch} epochs; to train "
                             f"on, pass train.epochs={epoch + 1} or more")
-        ckpt.restore(state, model, optimizer, where=f"--resume {run_id}: {source}")
+        ckpt.restore(state, model, optimizer, where=f"--resume {run_id}: {source}", scaler=scaler)
         point.start_epoch, point.best = epoch + 1, state["best"]
         point.history, point.source = dict(state.get("history") or {}), source
     if torn:

@@ -115,7 +115,7 @@ def run(
         parts = build(spec, data=data)
         point = ResumePoint(start_epoch=1)
         if resume_run_id:
-            point = resume_point(tracker, spec, parts.model, parts.optimizer)
+            point = resume_point(tracker, spec, parts.model, parts.optimizer, parts.policy.precision.scaler)
         guard = None
         if spec.guard != "off":
             guard = ModeGuard(parts.model, frozen=parts.policy.frozen,
@@ -154,6 +154,8 @@ def _tracked(spec: Spec, parts: Parts, tracker: Tracker, guard: ModeGuard | None
     except Diverged as e:
         e.args = (_divergence_reason(e, guard),)
         _record_failure(tracker, e)
+        if guard is not None and guard.summary():  # what the guard saw before the loss blew up
+            tracker.set_tags({f"mode_guard.{k}": ",".join(v) for k, v in guard.summary().items()})
         _score_diverged(log, parts, step=len(point.history.get("train/loss", [])) + 1)
         raise
     except BaseException as e:

@@ -19,10 +19,11 @@ _REQUIRED = ("model", "optimizer", "epoch", "spec_hash", "rng")
 
 def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     epoch: int, spec_hash: str, best: float | None, history: dict | None = None,
-                    spec: dict | None = None, grads: bool = False) -> Path:
+                    spec: dict | None = None, grads: bool = False, scaler=None) -> Path:
     """Write atomically (temp file + rename): a kill mid-write never leaves a torn checkpoint.
     ``spec``: the flattened spec, so a resume can name the fields it was given differently.
-    ``grads``: keep the parameters' gradients too (a loop that never clears them carries them on)."""
+    ``grads``: keep the parameters' gradients too (a loop that never clears them carries them on).
+    ``scaler``: fp16's GradScaler, whose scale decides which of the next steps are skipped."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
@@ -38,6 +39,8 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: torc
         "history": history or {},
         "rng": rng_state(),
     }
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
     if grads:
         state["grads"] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -77,7 +80,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            where: str = "the checkpoint") -> None:
+            where: str = "the checkpoint", scaler=None) -> None:
     """Put a loaded checkpoint into ``model`` and ``optimizer`` (on whatever device they live) and
     restore the RNGs and module modes; a checkpoint that does not fit is one CheckpointError line."""
     try:
@@ -92,6 +95,8 @@ def restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.opti
         set_rng_state(state["rng"])
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"{where}: its RNG state is damaged: {_first(e)}") from None
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     grads = state.get("grads") or {}
     for name, p in model.named_parameters():
         if name in grads:

@@ -8,6 +8,7 @@ import optuna
 
 from harness.epochs import EPOCH_METRICS
 from harness.errors import SpecError
+from harness.run import build
 from harness.spec import Spec, load_spec
 from harness.sweep import space as sp
 from harness.sweep import storage as sto
@@ -52,6 +53,9 @@ def open_context(args, label: str = "", on_stale=None) -> Context:
     n_trials = args.n_trials
     if args.sampler == "grid":
         n_trials = min(n_trials, sp.grid_size(space))
+    # The spec built once (data, model, optimizer) before any store is touched: a model or dataset
+    # factory that fails does so here, in one line, with no parent run made; the data serves trial 1.
+    parts = build(spec)
     store.setup_mlflow()  # checked, not created: nothing is made until both stores answer
     storage = sto.optuna_storage(
         args.storage, args.workers, heartbeat_interval=args.heartbeat or sto.HEARTBEAT_INTERVAL_S,
@@ -62,8 +66,15 @@ def open_context(args, label: str = "", on_stale=None) -> Context:
     with sto.quiet_experimental():
         study = st.open_study(name, storage, spec, sp.make_sampler(args.sampler, spec, space),
                               sp.make_pruner(args.pruner, spec))
-    return Context(spec=spec, spec_path=str(args.spec), overrides=list(args.overrides), space=space,
+    ctx = Context(spec=spec, spec_path=str(args.spec), overrides=list(args.overrides), space=space,
                    study=study, study_name=name, storage_url=args.storage, experiment_id=exp_id,
                    n_trials=n_trials, timeout=args.timeout, retry_failed=args.retry_failed,
                    workers=args.workers,
                    sampler=args.sampler, pruner=args.pruner, label=label, quiet=args.quiet)
+    ctx._data[data_key(spec)] = parts.data
+    return ctx
+
+
+def data_key(spec: Spec) -> tuple:
+    """Trials whose data settings agree share the loaded data."""
+    return (spec.data.model_dump_json(), spec.seed, spec.train.device)

@@ -38,7 +38,7 @@ from harness.spec import Spec
 from harness.sweep import parent
 from harness.sweep import storage as sto
 from harness.sweep import study as st
-from harness.sweep.context import Context
+from harness.sweep.context import Context, data_key
 
 log = logging.getLogger("harness.sweep")
 
@@ -218,7 +218,7 @@ def _data(ctx: Context, spec: Spec):
     from harness.core.data import load_data
     from harness.core.device import resolve_device
 
-    key = (spec.data.model_dump_json(), spec.seed, spec.train.device)
+    key = data_key(spec)
     if key not in ctx._data:
         ctx._data.clear()
         ctx._data[key] = load_data(spec.data, spec.seed, resolve_device(spec.train.device))
