@@ -156,16 +156,20 @@ def test_a_sweep_killed_anywhere_finishes_with_exactly_n_trials(point, fast_stor
     check_sweep(fast_store, tmp_path)
 
 
+def _kill_at_random(module: str, args: list[str], seed: int, within: tuple[float, float], cwd, uri) -> None:
+    """Start ``python -m module args`` and SIGKILL it at an instant drawn from ``within`` seconds."""
+    proc = subprocess.Popen([sys.executable, "-m", module, *args, "--quiet"], cwd=cwd,
+                            env={**_env(), "MLFLOW_TRACKING_URI": uri},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(random.Random(seed).uniform(*within))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(4))
 def test_a_sweep_killed_at_a_random_instant_finishes_with_exactly_n_trials(seed, fast_store, tmp_path):
-    rng = random.Random(seed)
-    proc = subprocess.Popen([sys.executable, "-m", "harness.sweep", *SWEEP, "--quiet"], cwd=tmp_path,
-                            env={**_env(), "MLFLOW_TRACKING_URI": fast_store},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(rng.uniform(3.0, 12.0))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    _kill_at_random("harness.sweep", SWEEP, seed, (3.0, 12.0), tmp_path, fast_store)
     again = run_cli("harness.sweep", *SWEEP, "--quiet", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     check_sweep(fast_store, tmp_path)
@@ -177,13 +181,7 @@ def test_a_run_killed_at_a_random_instant_resumes_to_the_uninterrupted_numbers(s
                                                                                  reference):
     from mlflow import MlflowClient
 
-    rng = random.Random(seed)
-    proc = subprocess.Popen([sys.executable, "-m", "harness.train", *RUN, "--quiet"], cwd=tmp_path,
-                            env={**_env(), "MLFLOW_TRACKING_URI": fast_store},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(rng.uniform(2.0, 9.0))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    _kill_at_random("harness.train", RUN, seed, (2.0, 9.0), tmp_path, fast_store)
     runs = all_runs(fast_store)
     if runs and runs[0].info.status != "FINISHED":
         r = run_cli("harness.train", *RUN, "--quiet", "--resume", runs[0].info.run_id, cwd=tmp_path)
