@@ -253,8 +253,8 @@ MODES_SPEC = ROOT / "experiments" / "digits_lenet_modes.yaml"
 MODES_ARGS = ["train.epochs=4", "data.limit_train=200", "train.sanity_check=false", "train.log_model=false"]
 
 
-def _interrupted_then_resumed(spec, stop_after: int):
-    """Ctrl-C after epoch ``stop_after`` (its checkpoint logged), then --resume: the tracker of the run."""
+def _interrupted(spec, stop_after: int):
+    """Ctrl-C after epoch ``stop_after`` (its checkpoint logged): the tracker of the KILLED run."""
     from harness.run import run
     from harness.tracking.tracker import MemoryTracker
 
@@ -266,6 +266,14 @@ def _interrupted_then_resumed(spec, stop_after: int):
     with pytest.raises(KeyboardInterrupt):
         run(spec, tracker=tracker, on_epoch=stop, progress=False)
     assert tracker.status == "KILLED"
+    return tracker
+
+
+def _interrupted_then_resumed(spec, stop_after: int):
+    """Ctrl-C after epoch ``stop_after``, then --resume: the tracker of the run."""
+    from harness.run import run
+
+    tracker = _interrupted(spec, stop_after)
     run(spec, tracker=tracker, resume_run_id=tracker.run_id, progress=False)
     assert tracker.status == "FINISHED"
     return tracker
@@ -347,3 +355,34 @@ def test_a_cuda_run_resumes_on_cuda_and_its_checkpoint_loads_on_a_cpu(tmp_path):
     cpu = build(spec.with_overrides({"train.device": "cpu"}))
     restore(load_checkpoint(path), cpu.model, cpu.optimizer)
     assert next(cpu.model.parameters()).device.type == "cpu"
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda s: s["model"].update({k: torch.zeros(3) for k in list(s["model"])[:1]}), "does not fit this model"),
+    (lambda s: s["optimizer"]["param_groups"].clear(), "optimizer state does not fit"),
+    (lambda s: s["rng"].update(torch=torch.zeros(3, dtype=torch.float32)), "RNG state is damaged"),
+    (lambda s: s.update(epoch="three"), "not what a harness checkpoint holds"),
+    (lambda s: s.pop("rng"), "missing rng"),
+])
+def test_a_checkpoint_that_loads_but_does_not_fit_is_one_line_and_the_run_untouched(tmp_path, damage, words):
+    """Safe to unpickle, yet inconsistent: wrong shapes, wrong types, a bad RNG state. Refused by name
+    (not skipped as torn), before the run is touched."""
+    import io
+
+    from harness.errors import UserError
+    from harness.run import run
+    from harness.spec import load_spec
+
+    spec = load_spec(MODES_SPEC, MODES_ARGS)
+    tracker = _interrupted(spec, stop_after=2)
+    for name in ("checkpoints/last.pt", "checkpoints/best.pt"):
+        state = torch.load(io.BytesIO(tracker.artifacts[name]), weights_only=True)
+        damage(state)
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        tracker.artifacts[name] = buf.getvalue()
+    logged = {k: list(v) for k, v in tracker.metrics.items()}
+    with pytest.raises(UserError) as e:
+        run(spec, tracker=tracker, resume_run_id=tracker.run_id, progress=False)
+    assert words in str(e.value) and "\n" not in str(e.value)
+    assert tracker.status == "KILLED" and tracker.metrics == logged  # untouched
