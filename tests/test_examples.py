@@ -31,7 +31,8 @@ def test_train(fast_store, tmp_path):
 
 
 def test_sweep_two_trials(fast_store, tmp_path):
-    r = run_cli("harness.sweep", str(EXAMPLE / "spec.yaml"), *SMALL, "--n-trials", "2", "--quiet",
+    r = run_cli("harness.sweep", str(EXAMPLE / "spec.yaml"), *SMALL, "data.args.n_train=200", "data.args.n_test=100",
+                "train.sanity_check=false", "train.checkpoint=false", "--n-trials", "2", "--quiet",
                 "--pruner", "none", cwd=tmp_path, timeout=240)
     assert r.returncode == 0, r.stderr
     runs = all_runs(fast_store)

@@ -220,8 +220,8 @@ CALLED = [
 def test_a_factory_breaking_its_contract_is_one_line(project, overrides, arch, dataset, words):
     from harness.run import build
 
-    spec = project(*overrides, arch=arch, dataset=dataset, *(["data.args={classes: 4}"]
-                                                             if dataset == "blobs" and not overrides else []))
+    extra = ["data.args={classes: 4}"] if dataset == "blobs" and not overrides else []  # 4 classes: head checks
+    spec = project(*overrides, *extra, arch=arch, dataset=dataset)
     with pytest.raises(UserError) as e:
         build(spec)
     msg = str(e.value)

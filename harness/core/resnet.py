@@ -38,7 +38,8 @@ class BasicBlock(nn.Module):
 
 def cifar_resnet20(in_channels: int, blocks: int = 3) -> tuple[nn.Sequential, int]:
     """ResNet-(6n+2) of He et al. (2016), section 4.2; n = ``blocks`` = 3 gives ResNet-20."""
-    layers: list[nn.Module] = [nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True)]
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16),
+                               nn.ReLU(inplace=True)]
     cin = 16
     for stage, cout in enumerate((16, 32, 64)):
         for b in range(blocks):
