@@ -29,6 +29,8 @@ def test_experiment_spec_loads_and_builds(path):
         parts = build(spec.with_overrides({"train.device": "cpu"}))
         x, y = next(iter(parts.data.train))
         assert parts.model(x).shape == (len(y), parts.data.num_classes)
-    else:  # torchvision sets are not downloaded in tests: build the model for their 28x28 images
-        model = build_model(spec.model, (1, 28, 28), 10)
-        assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    else:  # downloaded sets are not downloaded in tests: build the model for the shape they have
+        shape, classes = {"cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100)}.get(
+            spec.data.dataset, ((1, 28, 28), 10))
+        model = build_model(spec.model, shape, classes).eval()
+        assert model(torch.zeros(2, *shape)).shape == (2, classes)
