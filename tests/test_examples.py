@@ -43,6 +43,7 @@ def test_sweep_two_trials(fast_store, tmp_path):
     assert parent.info.status == "FINISHED"
 
 
+@pytest.mark.slow  # ~30-60 s; CI's slow pass runs it
 def test_ablation_two_seeds_the_guard_flags_the_bugs(fast_store, tmp_path):
     r = run_cli("analysis.ablation", str(EXAMPLE / "ablation.yaml"), *SMALL, "data.args.n_train=200",
                 "data.args.n_test=100", "train.sanity_check=false", "--seeds", "2",

@@ -79,6 +79,7 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_numbers(point, fast_
     assert len(all_runs(fast_store)) == 1
 
 
+@pytest.mark.slow  # ~30-60 s; CI's slow pass runs it
 def test_a_second_resume_at_once_is_refused(fast_store, tmp_path):
     """Two --resume of one run at once: the second is refused in one line while the first trains."""
     from mlflow import MlflowClient

@@ -27,7 +27,8 @@ def _start(module: str, *args: str, cwd: Path) -> subprocess.Popen:
 
 @pytest.mark.parametrize("module, args", [
     ("harness.train", [DIGITS, *TINY, "--quiet"]),
-    ("harness.sweep", [DIGITS, *TINY, "--n-trials", "3", "--sampler", "random", "--study", "killed", "--quiet"]),
+    pytest.param("harness.sweep", [DIGITS, *TINY, "--n-trials", "3", "--sampler", "random", "--study", "killed",
+                                   "--quiet"], marks=pytest.mark.slow),
 ])
 def test_two_commands_at_once_on_a_fresh_store_both_succeed(tmp_path, module, args):
     procs = [_start(module, *args, cwd=tmp_path) for _ in range(2)]
@@ -74,6 +75,7 @@ def _fill(disk: Path, leave_bytes: int) -> Path:
 SWEEP = [DIGITS, *TINY, "--sampler", "random", "--pruner", "none", "--study", "killed", "--quiet"]
 
 
+@pytest.mark.slow  # ~30-60 s; CI's slow pass runs it
 def test_a_full_disk_stops_the_sweep_with_one_line_and_the_sweep_resumes_once_there_is_room(small_disk):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{small_disk / 'mlflow.db'}"}
     first = run_cli("harness.sweep", *SWEEP, "--n-trials", "1", cwd=small_disk, env=env)
