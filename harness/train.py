@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from harness.cli import Parser
+from harness.cli import Parser, exit_with
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,6 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from harness.cli import setup_logging, user_errors
+    from harness.core.device import prepare_threads
+
+    prepare_threads()  # before torch loads: OpenMP reads its wait policy once
 
     setup_logging()
     with user_errors("harness.train"):
@@ -53,4 +56,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

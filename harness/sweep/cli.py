@@ -75,6 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from harness.cli import setup_logging, user_errors
+    from harness.core.device import prepare_threads
+
+    # Before torch loads (OpenMP reads its wait policy once); a worker's share of the cores.
+    prepare_threads(args.workers if args.worker_index is not None else 1)
 
     setup_logging()
     import logging
@@ -145,16 +149,13 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    """One of K worker processes started by ``_sweep``: trials only, no summary."""
-    import torch
-
-    from harness.core.device import threads_for
+    """One of K worker processes started by ``_sweep``: trials only, no summary; its share of the cores
+    was set by ``main``."""
     from harness.sweep import parent, worker
     from harness.sweep.context import open_context
 
     ctx = open_context(args, label=f"w{args.worker_index}", on_stale=worker.on_stale)
     ctx.parent_run_id = ctx.study.user_attrs[parent.PARENT_ATTR]
-    torch.set_num_threads(threads_for(args.workers))
     with sigterm_as_interrupt():
         return worker.run_worker(ctx, on_trial=_printer(ctx))
 
