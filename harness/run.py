@@ -11,6 +11,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -95,6 +96,7 @@ def run(
     progress: bool = True,
     data: Data | None = None,
     system_metrics: bool | None = False,
+    on_tested: Callable[[RunResult], None] | None = None,
 ) -> RunResult:
     """Train and validate ``spec`` as one tracked run; returns its id and numbers.
 
@@ -102,7 +104,8 @@ def run(
     continued as :mod:`harness.resume` says). ``on_epoch(epoch, metrics)`` is called after each
     epoch's metrics are logged; raising :class:`~harness.core.loop.Stopped` there ends the run early
     (its curves stay). Divergence raises :class:`~harness.core.loop.Diverged` after marking the run
-    FAILED with the reason as a tag. ``system_metrics`` None: MLflow's own switch decides. Only one
+    FAILED with the reason as a tag. ``system_metrics`` None: MLflow's own switch decides.
+    ``on_tested(result)`` is called once the test metrics are in the store, before the model is logged. Only one
     process at a time trains a given run on a machine (a second ``--resume`` is refused)."""
     if tracker is None:
         from harness.tracking.mlflow_tracker import MlflowTracker
@@ -130,11 +133,12 @@ def run(
                            tags=base_tags, resume=bool(resume_run_id), system_metrics=system_metrics):
             if not resume_run_id:
                 held.enter_context(_only_trainer(tracker.run_id))
-            return _tracked(spec, parts, tracker, guard, point, on_epoch, progress)
+            return _tracked(spec, parts, tracker, guard, point, on_epoch, progress, on_tested)
 
 
 def _tracked(spec: Spec, parts: Parts, tracker: Tracker, guard: ModeGuard | None, point: ResumePoint,
-             on_epoch: EpochCallback | None, progress: bool) -> RunResult:
+             on_epoch: EpochCallback | None, progress: bool,
+             on_tested: Callable[[RunResult], None] | None = None) -> RunResult:
     """Everything a run does between the start and the end of its tracked run."""
     t0 = time.perf_counter()
     log = MetricLog(tracker, point.logged)
@@ -172,6 +176,9 @@ def _tracked(spec: Spec, parts: Parts, tracker: Tracker, guard: ModeGuard | None
             if guard is not None:
                 guard.close()
     result.metrics.update(test)
+    if on_tested is not None:
+        result.seconds = time.perf_counter() - t0
+        on_tested(result)
     failpoints.reach("during_model_log")
     if spec.train.log_model and not point.has_model:
         model = parts.model.to("cpu").eval()
@@ -234,12 +241,12 @@ def _record_failure(uploads: Uploads, e: BaseException) -> None:
 
 
 def _log_start(tracker: Tracker, spec: Spec, parts: Parts) -> None:
-    tracker.log_params(spec.params())
-    tracker.log_text(spec.to_yaml(), "spec.yaml")
     d = parts.data
-    tracker.log_params({**{f"data.size.{k}": v for k, v in d.sizes.items()},
+    # One request for every param: against a tracking server each request costs 50 ms or more.
+    tracker.log_params({**spec.params(), **{f"data.size.{k}": v for k, v in d.sizes.items()},
                         "data.num_classes": d.num_classes, "train.threads_used": parts.threads,
                         "train.omp_wait_policy": wait_policy()})
+    tracker.log_text(spec.to_yaml(), "spec.yaml")
     x, y = next(iter(d.val))
     tracker.log_dataset(x[:64].cpu().numpy(), y[:64].cpu().numpy(), name=f"{d.name}-val-sample",
                         source=d.source, context="validation")

@@ -40,17 +40,19 @@ def main(argv: list[str] | None = None) -> int:
         from harness.run import run
         from harness.tracking.store import mlflow_ui_command
 
+        def report(result) -> None:  # the numbers, printed before the model is logged
+            m = result.metrics
+            print(f"run {result.run_id}: val/acc {m['val/acc']:.4f} (best {result.best:.4f}), "
+                  f"test/acc {m['test/acc']:.4f}, {result.seconds:.1f}s", flush=True)
+            if result.guard:
+                print(f"mode guard findings: {result.guard}", flush=True)
+
         try:
-            result = run(spec, run_name=args.run_name, resume_run_id=args.resume, progress=not args.quiet,
-                         system_metrics=None)
+            run(spec, run_name=args.run_name, resume_run_id=args.resume, progress=not args.quiet,
+                system_metrics=None, on_tested=report)
         except Diverged as e:
             print(f"harness.train: the run diverged and was marked FAILED: {e}", file=sys.stderr)
             return 1
-        m = result.metrics
-        print(f"run {result.run_id}: val/acc {m['val/acc']:.4f} (best {result.best:.4f}), "
-              f"test/acc {m['test/acc']:.4f}, {result.seconds:.1f}s")
-        if result.guard:
-            print(f"mode guard findings: {result.guard}")
         print(f"browse: {mlflow_ui_command()}")
     return 0
 

@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default 10)")
     p.add_argument("--check-storage", action="store_true",
                    help="check the Optuna storage and the MLflow store, then exit")
+    p.add_argument("--log-models", action="store_true",
+                   help="log each trial's final model (default: trials keep their checkpoints; the best "
+                        "params' harness.train line logs the model)")
     p.add_argument("--quiet", action="store_true", help="no per-trial lines")
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     # Intermixed: 'SPEC key=v --n-trials 3 key2=v' puts every key=value in overrides.
@@ -202,7 +205,7 @@ def _run_workers(args: argparse.Namespace, ctx) -> int:
                         ("--heartbeat", args.heartbeat)):
         if value is not None:
             base += [flag, str(value)]
-    base += ["--retry-failed"] * args.retry_failed + ["--quiet"] * args.quiet
+    base += ["--retry-failed"] * args.retry_failed + ["--quiet"] * args.quiet + ["--log-models"] * args.log_models
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
