@@ -18,6 +18,11 @@ runs back in ``analysis.runs``, the per-arm table and the report in ``analysis.r
 """
 from __future__ import annotations
 
+from harness.core import device
+
+if __name__ == "__main__":  # before the imports below load torch: OpenMP reads its wait policy once
+    device.prepare_threads()
+
 import argparse
 import contextlib
 import json
@@ -35,8 +40,7 @@ from analysis.report import display_table, write_report
 from analysis.runs import collect, existing_children, report_dir, reuse
 from analysis.scoring import run_scoring
 from analysis.training import run_training
-from harness.cli import Parser, positive_int
-from harness.core.device import threads_for
+from harness.cli import Parser, exit_with, positive_int
 from harness.errors import UserError
 
 log = logging.getLogger("analysis.ablation")
@@ -73,9 +77,8 @@ def _run_ablation(ab: Ablation, *, workers, out, resume, echo) -> AblationResult
     t0 = time.perf_counter()
     workers = workers or ab.spec.workers
     if workers > 1 and ab.base.train.threads is None:
-        ab = ab.with_threads(threads_for(workers))
-        echo(f"{workers} workers: every run uses train.threads={ab.base.train.threads} (a param of each "
-             f"run: harness.train with that override reproduces it)")
+        echo(f"{workers} workers: each trains with {device.threads_for(workers)} thread(s) (param "
+             f"train.threads_used of each run: harness.train with train.threads=N reproduces it)")
     _preflight(ab)
     store.setup_mlflow()
     exp_id = store.experiment_id(ab.experiment)
@@ -285,4 +288,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

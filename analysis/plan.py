@@ -20,7 +20,7 @@ The ablation spec::
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -93,16 +93,6 @@ class Ablation:
     @property
     def experiment(self) -> str:
         return self.spec.experiment or self.spec.name
-
-    def with_threads(self, threads: int) -> "Ablation":
-        """Every arm with ``train.threads`` set (a parallel ablation splits the cores): a setting
-        that changes float summation order, so it goes into the specs, their params and hashes,
-        where ``harness.train`` can reproduce it; a spec that sets its own threads keeps them."""
-        if self.base.train.threads is not None:
-            return self
-        arms = {n: replace(a, spec=a.spec.with_overrides({"train.threads": threads}))
-                for n, a in self.arms.items()}
-        return replace(self, base=self.base.with_overrides({"train.threads": threads}), arms=arms)
 
     def arm_spec(self, arm: str, seed: int) -> Spec:
         return self.arms[arm].spec.with_overrides({"seed": seed, "name": self.experiment})

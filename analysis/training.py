@@ -42,7 +42,8 @@ def run_training(tasks, parent: str, ab, exp_id: str, workers: int, echo) -> lis
             report(i, _train_with_retry(exp_id, *payload))
         return failures
     ctx = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state, no inherited MLflow run
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                initargs=(workers,)) as pool:
         futures = {pool.submit(_train_with_retry, exp_id, *p): i for i, p in enumerate(payloads)}
         try:
             for fut in cf.as_completed(futures):
@@ -55,10 +56,12 @@ def run_training(tasks, parent: str, ab, exp_id: str, workers: int, echo) -> lis
     return failures
 
 
-def _init_worker() -> None:
+def _init_worker(workers: int) -> None:
     from harness.cli import setup_logging
+    from harness.core.device import share_cores
 
     setup_logging()
+    share_cores(workers)  # the wait policy came with the parent's environment
     logging.getLogger("harness.guard").setLevel(logging.ERROR)
 
 

@@ -1,12 +1,15 @@
 """Harness overhead: seconds per epoch of the harness vs a plain tutorial loop vs the tutorial's DataLoader.
 
     python benchmarks/overhead.py [--train 10000] [--val 2000] [--epochs 4] [--rounds 3] [--threads N] [--keep]
+    python benchmarks/overhead.py --data-root ~/data     # real MNIST files: <root>/MNIST/raw/*-ubyte
 
 Three ways to train the same model, the harness's ``lenet`` (conv 6@5x5 -> pool -> conv 12@5x5 -> pool ->
 120 -> 60 -> 10), from the same initial weights, with SGD (lr 0.05, momentum 0.9) and batch size 100, on
 the same MNIST-sized data: generated 28x28 uint8 images (each class a fixed random stroke pattern, shifted,
-scaled, plus noise: random but learnable), written as MNIST idx files to a temporary directory and split
-into the same train/validation examples for every arm:
+scaled, plus noise: random but learnable), written as MNIST idx files to a temporary directory, or real
+MNIST files with ``--data-root`` (the first ``--train`` training examples after the validation split,
+``--val`` held out), split into the same train/validation examples for every arm, each arm reading the
+files itself:
 
   (a) plain:   the tutorial's loop over tensors held in memory, batched by hand (randperm + slicing),
                ``loss.item()`` for the running loss, ``model.eval()`` + ``torch.no_grad()`` to validate.
@@ -29,18 +32,23 @@ check and the final test evaluation (model logging is off: it happens once per r
 run with new models; its first epoch is a warm-up and is not counted. An epoch is training plus
 validation in every arm.
 
-Printed per round and over all epochs: the median seconds per epoch of each arm; harness/plain (goal
-<= 1.05) and loader/harness (goal >= 3) as the median of per-epoch ratios, each taken between epochs that
-ran back to back so a noisy neighbour hits both sides alike; the same ratios for the training pass alone
-(the harness's own ``time/train_epoch_s``) and in CPU time of the main thread (``time.thread_time``: robust
-on a shared machine, but blind to I/O waits such as SQLite's fsync, so the wall figure is the one that
-counts); and the harness's per-epoch extras beyond training and validation, in ms.
+Printed while it runs: a line per epoch (each arm's seconds). Per round: the median seconds per epoch of
+each arm; harness/plain (goal <= 1.05) and loader/harness (goal >= 3) as the median of per-epoch ratios,
+each taken between epochs that ran back to back so a noisy neighbour hits both sides alike; the same
+ratios for the training pass alone (the harness's own ``time/train_epoch_s``) and in CPU time of the main
+thread (``time.thread_time``: robust on a shared machine, but blind to I/O waits such as SQLite's fsync,
+so the wall figure is the one that counts); and the harness's per-epoch extras beyond training and
+validation, in ms. At the end: every figure as the median over rounds with its min-max, the load average
+at the start and the end. Ctrl-C or SIGTERM stops it cleanly (the rounds done so far are reported, the
+temporary files removed). The process uses the harness's thread policy (harness/core/device.py) for
+every arm; OMP_WAIT_POLICY / --threads override it.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import struct
 import sys
@@ -134,6 +142,16 @@ def same_model(harness_model):
     return copy.deepcopy(harness_model).to(memory_format=torch.contiguous_format)
 
 
+def idx_count(path: Path) -> int:
+    """The number of items an idx file says it holds."""
+    with open(path, "rb") as f:
+        return struct.unpack(">II", f.read(8))[1]
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/overhead.py", description=__doc__.splitlines()[0])
     p.add_argument("--train", type=int, default=10_000, help="training examples (default 10000)")
@@ -141,14 +159,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=4, help="timed epochs per round, after one warm-up (default 4)")
     p.add_argument("--rounds", type=int, default=3, help="rounds: fresh run and models each (default 3)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads for every arm (default: torch's own default, one per core, as a "
-                        "researcher's script runs; --threads 1 isolates the single-core case, where the "
-                        "model's compute dominates every arm)")
+                   help="torch CPU threads for every arm (default: the harness's policy, one per core, as "
+                        "harness.train runs; --threads 1 isolates the single-core case, where the model's "
+                        "compute dominates every arm)")
+    p.add_argument("--data-root", help="read real MNIST-format files from <root>/MNIST/raw instead of "
+                                       "generating them (every arm reads them)")
     p.add_argument("--keep", action="store_true", help="keep the temporary MLflow store and data")
     p.add_argument("--set", nargs="*", default=[], metavar="key=value",
                    help="extra spec overrides for the harness arm, e.g. guard=off train.checkpoint=false")
     args = p.parse_args(argv)
+    from harness.core.device import prepare_threads, wait_policy
 
+    prepare_threads()  # before torch loads, as harness.train does
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it like Ctrl-C
+    work = Path(tempfile.mkdtemp(prefix="harness-overhead-"))
+    rounds: list[list[dict]] = []
+    t_start = time.perf_counter()
+    try:
+        _benchmark(args, work, rounds, wait_policy())
+    except KeyboardInterrupt:
+        print(f"overhead.py: interrupted after {len(rounds)} whole round(s)", file=sys.stderr, flush=True)
+    finally:
+        os.chdir(ROOT)
+        if rounds:
+            _summary(rounds)
+        print(f"{load()} at the end; benchmark took {time.perf_counter() - t_start:.0f}s", flush=True)
+        if args.keep:
+            print(f"store: mlflow ui --backend-store-uri sqlite:///{work / 'mlflow.db'}  (in {work})")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0 if rounds else 130
+
+
+def _benchmark(args, work: Path, rounds: list[list[dict]], policy: str) -> None:
     import torch
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
@@ -161,16 +204,21 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args.threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="harness-overhead-"))
     os.chdir(work)  # mlruns/ (artifacts, checkpoints) lands here
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
-    n_trval = args.train + args.val
-    make_idx_files(work / "data", n_trval, 1000)
-
+    if args.data_root:
+        root = Path(args.data_root).expanduser().resolve()
+        if not (root / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+            sys.exit(f"overhead.py: --data-root {root}: no MNIST/raw/train-images-idx3-ubyte in it")
+        n_trval = idx_count(root / "MNIST" / "raw" / "train-labels-idx1-ubyte")
+        what = f"MNIST files in {root}"
+    else:
+        root, n_trval, what = work / "data", args.train + args.val, "generated MNIST-format files"
+        make_idx_files(root, n_trval, 1000)
     spec = load_spec(None, {
-        "name": "overhead", "data.dataset": "mnist", "data.root": str(work / "data"), "data.download": False,
-        "data.val_fraction": args.val / n_trval, "train.epochs": args.epochs + 1, "train.threads": args.threads,
-        "train.device": "cpu", "train.log_model": False, "model.arch": "lenet",
+        "name": "overhead", "data.dataset": "mnist", "data.root": str(root), "data.download": False,
+        "data.val_fraction": args.val / n_trval, "data.limit_train": args.train, "train.epochs": args.epochs + 1,
+        "train.threads": args.threads, "train.device": "cpu", "train.log_model": False, "model.arch": "lenet",
     }).with_overrides(parse_overrides(args.set))
     data = load_data(spec.data, spec.seed, torch.device("cpu"))  # (b)'s tensors, loaded once
     bs = spec.data.batch_size
@@ -179,21 +227,21 @@ def main(argv: list[str] | None = None) -> int:
     xv, yv = data.val.split.x, data.val.split.y
     # (c) reads the same files through torchvision, with the same train/val examples (same split seed).
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
-    mnist = datasets.MNIST(str(work / "data"), train=True, download=False, transform=tf)
+    mnist = datasets.MNIST(str(root), train=True, download=False, transform=tf)
     val_idx, train_idx = _split(len(mnist), spec.data.val_fraction, spec.data.split_seed)
+    train_idx = train_idx[:args.train]
     assert len(train_idx) == len(y) and len(val_idx) == len(yv)
 
-    print(f"LeNet, {len(y)} train / {len(yv)} val 28x28 images, batch {bs}, SGD lr {spec.optimizer.lr} "
-          f"momentum {spec.optimizer.momentum}, {args.threads} thread(s), torch {torch.__version__}; "
-          f"{args.rounds} round(s) x {args.epochs} timed epochs (+1 warm-up each)"
-          + (f"; harness overrides: {' '.join(args.set)}" if args.set else ""))
+    print(f"LeNet, {len(y)} train / {len(yv)} val 28x28 images ({what}), batch {bs}, SGD lr "
+          f"{spec.optimizer.lr} momentum {spec.optimizer.momentum}, {args.threads} thread(s), OpenMP wait "
+          f"{policy}, torch {torch.__version__}; {args.rounds} round(s) x {args.epochs} timed epochs (+1 "
+          f"warm-up each); {load()}" + (f"; harness overrides: {' '.join(args.set)}" if args.set else ""),
+          flush=True)
     from harness.tracking import store
 
     store.setup_mlflow()
     store.experiment_id(spec.name)  # create the store before timing anything
 
-    t_start = time.perf_counter()
-    rows = []  # per timed epoch: {arm: {"train", "wall", "cpu", "acc"}}
     for rnd in range(1, args.rounds + 1):
         spec_r = spec.with_overrides({"seed": rnd})
         init = build(spec_r, data=data).model  # the very weights run() will start from (same seed)
@@ -218,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
                 e[name] = fn()
             epochs.append(e)
             marks.append((t_in, _clocks()))
+            print(f"  round {rnd} epoch {epoch}{' (warm-up)' if epoch == 1 else ''}: plain {e['plain']['wall']:.3f} s, "
+                  f"loader {e['loader']['wall']:.3f} s (harness: train {e['harness']['train']:.3f} s + val "
+                  f"{e['harness']['val']:.3f} s)", flush=True)
 
         run(spec_r, data=data, on_epoch=on_epoch, progress=False, run_name=f"overhead-round-{rnd}")
         for k in range(1, len(marks)):  # epoch k+1 of the harness ran between callbacks k and k+1
@@ -225,41 +276,54 @@ def main(argv: list[str] | None = None) -> int:
             _, (w_out, c_out) = marks[k - 1]
             epochs[k]["harness"].update(wall=w_in - w_out, cpu=c_in - c_out)
         timed = epochs[1:]  # epoch 1 is the warm-up (and its harness time includes the run's setup)
-        rows += timed
-        _report(f"round {rnd}", timed)
-    _report(f"all {len(rows)} epochs", rows, final=True)
-    last = rows[-1]
+        rounds.append(timed)
+        _report(f"round {rnd}", _figures(timed))
+    last = rounds[-1][-1]
     print(f"final val/acc: plain {last['plain']['acc']:.3f}, harness {last['harness']['acc']:.3f}, "
-          f"loader {last['loader']['acc']:.3f} (same task, same initial weights); "
-          f"benchmark took {time.perf_counter() - t_start:.0f}s")
-    if args.keep:
-        print(f"store: mlflow ui --backend-store-uri {os.environ['MLFLOW_TRACKING_URI']}  (in {work})")
-    else:
-        os.chdir(ROOT)
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
+          f"loader {last['loader']['acc']:.3f} (same task, same initial weights)")
 
 
-def _report(label: str, rows: list[dict], final: bool = False) -> None:
+def _figures(rows: list[dict]) -> dict[str, float]:
+    """One round's figures: medians of per-epoch seconds and of per-epoch ratios (back-to-back epochs)."""
     def med(arm, k):
         return statistics.median(r[arm][k] for r in rows)
 
-    def ratio(a, b, k):  # median of per-epoch ratios between epochs that ran back to back
+    def ratio(a, b, k):
         return statistics.median(r[a][k] / r[b][k] for r in rows)
 
-    print(f"{label}: s/epoch (train+val) plain {med('plain', 'wall'):.3f}  harness {med('harness', 'wall'):.3f}  "
-          f"loader {med('loader', 'wall'):.3f}")
-    print(f"  harness/plain  {ratio('harness', 'plain', 'wall'):.3f} wall per epoch "
-          f"(train pass only {ratio('harness', 'plain', 'train'):.3f}, CPU time {ratio('harness', 'plain', 'cpu'):.3f})")
-    print(f"  loader/harness {ratio('loader', 'harness', 'wall'):.2f}x wall per epoch "
-          f"(train pass only {ratio('loader', 'harness', 'train'):.2f}x, CPU time {ratio('loader', 'harness', 'cpu'):.2f}x)")
     extras = statistics.median(r["harness"]["wall"] - r["harness"]["train"] - r["harness"]["val"] for r in rows)
+    return {"plain s/epoch": med("plain", "wall"), "harness s/epoch": med("harness", "wall"),
+            "loader s/epoch": med("loader", "wall"),
+            "harness/plain": ratio("harness", "plain", "wall"), "harness/plain train": ratio("harness", "plain", "train"),
+            "harness/plain cpu": ratio("harness", "plain", "cpu"),
+            "loader/harness": ratio("loader", "harness", "wall"), "loader/harness train": ratio("loader", "harness", "train"),
+            "loader/harness cpu": ratio("loader", "harness", "cpu"),
+            "extras ms": extras * 1000, "extras %": extras / med("plain", "wall") * 100}
+
+
+def _report(label: str, f: dict[str, float]) -> None:
+    print(f"{label}: s/epoch (train+val) plain {f['plain s/epoch']:.3f}  harness {f['harness s/epoch']:.3f}  "
+          f"loader {f['loader s/epoch']:.3f}")
+    print(f"  harness/plain  {f['harness/plain']:.3f} wall per epoch (train pass only "
+          f"{f['harness/plain train']:.3f}, CPU time {f['harness/plain cpu']:.3f})")
+    print(f"  loader/harness {f['loader/harness']:.2f}x wall per epoch (train pass only "
+          f"{f['loader/harness train']:.2f}x, CPU time {f['loader/harness cpu']:.2f}x)")
     print(f"  harness per-epoch extras beyond training and validation (metric flush, checkpoints, guard "
-          f"ledger): {extras * 1000:.0f} ms = {extras / med('plain', 'wall') * 100:.1f}% of a plain epoch")
-    if final:
-        hp, lh = ratio("harness", "plain", "wall"), ratio("loader", "harness", "wall")
-        print(f"RESULT harness/plain = {hp:.3f} per epoch (goal <= 1.05: {'met' if hp <= 1.05 else 'NOT met'}); "
-              f"loader/harness = {lh:.2f}x (goal >= 3: {'met' if lh >= 3 else 'NOT met'})")
+          f"ledger): {f['extras ms']:.0f} ms = {f['extras %']:.1f}% of a plain epoch", flush=True)
+
+
+def _summary(rounds: list[list[dict]]) -> None:
+    """Every figure as the median over rounds (min-max), then the two goals."""
+    per_round = [_figures(r) for r in rounds]
+    print(f"over {len(rounds)} round(s): median (min-max) of the per-round figures")
+    for k in per_round[0]:
+        v = [f[k] for f in per_round]
+        print(f"  {k:22s} {statistics.median(v):8.3f} ({min(v):.3f}-{max(v):.3f})")
+    hp = statistics.median(f["harness/plain"] for f in per_round)
+    lh = statistics.median(f["loader/harness"] for f in per_round)
+    print(f"RESULT harness/plain = {hp:.3f} per epoch (goal <= 1.05: {'met' if hp <= 1.05 else 'NOT met'}); "
+          f"loader/harness = {lh:.2f}x (goal >= 3: {'met' if lh >= 3 else 'NOT met'}); medians of "
+          f"{len(rounds)} round(s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,16 +2,15 @@
 saw, call back. ``harness.run`` composes the run around it."""
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from harness import failpoints
 from harness.core import checkpoint as ckpt
 from harness.core.loop import evaluate, train_one_epoch
 from harness.tracking.tracker import Tracker, param_str
+from harness.uploads import Uploads
 
 if TYPE_CHECKING:
     from harness.guard import ModeGuard
@@ -51,8 +50,10 @@ class MetricLog:
 
 
 def train_epochs(spec: Spec, parts: Parts, log: MetricLog, guard: ModeGuard | None, point: ResumePoint,
-                 on_epoch: EpochCallback | None, progress: bool) -> RunResult:
-    """Epochs ``point.start_epoch .. spec.train.epochs``; the result holds every epoch's history."""
+                 on_epoch: EpochCallback | None, progress: bool, uploads: Uploads) -> RunResult:
+    """Epochs ``point.start_epoch .. spec.train.epochs``; the result holds every epoch's history. What
+    the epochs log goes to the store through ``uploads``, every ``train.upload_every_s`` seconds; the
+    last epoch's with the run's end (``harness.run``), after the test phase joins its ledger."""
     from tqdm.auto import tqdm
 
     tracker = log.tracker
@@ -62,61 +63,41 @@ def train_epochs(spec: Spec, parts: Parts, log: MetricLog, guard: ModeGuard | No
     metrics: dict[str, float] = {k: v[-1] for k, v in history.items() if v}
     bar = tqdm(range(point.start_epoch, epochs + 1), desc=spec.name, unit="epoch", disable=not progress,
                initial=point.start_epoch - 1, total=epochs, leave=True)
-    # Checkpoints are written here, logged as artifacts, then removed: the store keeps the one copy.
-    with tempfile.TemporaryDirectory(prefix="harness-checkpoints-") as ckpt_dir:
-        for epoch in bar:
-            data.train.set_epoch(epoch)
-            t = time.perf_counter()
-            metrics = train_one_epoch(
-                model, data.train, optimizer, parts.device, epoch=epoch, policy=parts.policy, guard=guard,
-                log_every=spec.train.log_every, step_offset=(epoch - 1) * n_batches,
-                on_running_loss=lambda step, v: log({"train/running_loss": v}, step),
-            )
-            metrics["time/train_epoch_s"] = time.perf_counter() - t
-            metrics.update(evaluate(model, data.val, parts.device, policy=parts.policy, guard=guard,
-                                    prefix="val"))
-            if guard is not None:
-                metrics["mode_guard/findings"] = log_guard(tracker, guard, guard.end_epoch(epoch), epoch)
-            log(metrics, step=epoch)
-            tracker.flush()
-            failpoints.reach("after_epoch_metrics")
-            for k, v in metrics.items():
-                history.setdefault(k, []).append(v)
-            improved = best is None or metrics["val/acc"] > best
-            best = metrics["val/acc"] if improved else best
-            if spec.train.checkpoint:
-                _checkpoint(spec, parts, tracker, Path(ckpt_dir), epoch, best, history, improved)
-            bar.set_postfix({"loss": f"{metrics['train/loss']:.3f}", "val/acc": f"{metrics['val/acc']:.3f}"})
-            if on_epoch is not None:
-                on_epoch(epoch, metrics)
+    for epoch in bar:
+        data.train.set_epoch(epoch)
+        t = time.perf_counter()
+        metrics = train_one_epoch(
+            model, data.train, optimizer, parts.device, epoch=epoch, policy=parts.policy, guard=guard,
+            log_every=spec.train.log_every, step_offset=(epoch - 1) * n_batches,
+            on_running_loss=lambda step, v: log({"train/running_loss": v}, step),
+        )
+        metrics["time/train_epoch_s"] = time.perf_counter() - t
+        metrics.update(evaluate(model, data.val, parts.device, policy=parts.policy, guard=guard, prefix="val"))
+        if guard is not None:
+            metrics["mode_guard/findings"] = uploads.guard_epoch(epoch)
+        log(metrics, step=epoch)
+        for k, v in metrics.items():
+            history.setdefault(k, []).append(v)
+        improved = best is None or metrics["val/acc"] > best
+        best = metrics["val/acc"] if improved else best
+        if spec.train.checkpoint:
+            uploads.checkpoint(_checkpoint(spec, parts, uploads.folder, epoch, best, history), improved)
+        if epoch < epochs and uploads.due():
+            uploads.send()
+        bar.set_postfix({"loss": f"{metrics['train/loss']:.3f}", "val/acc": f"{metrics['val/acc']:.3f}"})
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
     bar.close()
     return RunResult(run_id=str(tracker.run_id), metrics=dict(metrics), history=history, best=best,
                      epochs=epochs, guard=guard.summary() if guard is not None else {})
 
 
-def _checkpoint(spec: Spec, parts: Parts, tracker: Tracker, folder: Path, epoch: int, best: float | None,
-                history: dict, improved: bool) -> None:
-    """``last.pt`` every epoch, ``best.pt`` on improvement. A copy torn by a kill is found on resume (it
-    does not load) and the older whole one is used."""
-    path = ckpt.save_checkpoint(folder / "last.pt", model=parts.model, optimizer=parts.optimizer,
+def _checkpoint(spec: Spec, parts: Parts, folder: Path, epoch: int, best: float | None, history: dict) -> Path:
+    """``last.pt`` of this epoch, written locally (atomically); ``harness.uploads`` sends it."""
+    return ckpt.save_checkpoint(folder / "last.pt", model=parts.model, optimizer=parts.optimizer,
                                 epoch=epoch, spec_hash=spec.hash(), best=best, history=history,
                                 spec={k: param_str(v) for k, v in spec.params().items()},
                                 grads=parts.policy.carries_gradients, scaler=_scaler(parts))
-    tracker.log_artifact(failpoints.torn_copy(path, "mid_checkpoint_upload"), "checkpoints")
-    failpoints.reach("mid_checkpoint_upload")
-    if improved:
-        tracker.log_artifact(path.replace(path.with_name("best.pt")), "checkpoints")
-    failpoints.reach("after_checkpoint")
-
-
-def log_guard(tracker: Tracker, guard: ModeGuard, report: dict, epoch: int) -> int:
-    """Tags ``mode_guard.<kind>`` (every module found so far) and this epoch's page of the mode ledger,
-    ``mode_guard/ledger/epoch-NNNN.json``; returns the epoch's count of findings."""
-    if report["findings"]:
-        run_wide = guard.summary()
-        tracker.set_tags({f"mode_guard.{k}": ",".join(run_wide[k]) for k in report["findings"]})
-    tracker.log_dict(guard.ledger.get(epoch, {}), f"mode_guard/ledger/epoch-{epoch:04d}.json")
-    return report["count"]
 
 
 def _scaler(parts: Parts):

@@ -21,7 +21,7 @@ CHECKPOINTS = ("checkpoints/last.pt", "checkpoints/best.pt")  # newest first
 # Spec keys a resume may change: they decide how long, what is logged and what is watched, never what
 # the epochs already trained computed.
 FREE_TO_CHANGE = frozenset({
-    "name", "train.epochs", "guard", "train.log_every", "train.log_model", "train.checkpoint",
+    "name", "train.epochs", "guard", "train.log_every", "train.log_model", "train.checkpoint", "train.upload_every_s",
     "train.sanity_check", "data.root", "data.download", "data.num_workers",
 })
 
@@ -34,6 +34,9 @@ class ResumePoint:
     logged: dict[str, int] = field(default_factory=dict)  # per metric key, the last step already logged
     has_model: bool = False  # the final model is logged already (killed after logging it)
     source: str = "the start"
+    threads: int | None = None  # torch's threads when the run started (param train.threads_used)
+    resumed: bool = False  # a run that existed (False: a new run)
+    has_params: bool = False  # its params are logged already
     changes: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
@@ -58,7 +61,10 @@ def resume_point(tracker: Tracker, spec: Spec, model, optimizer, scaler=None) ->
         shown = "; ".join(f"{k}: {changes[k][0]} -> {changes[k][1]}" for k in fixed[:4])
         raise UserError(f"--resume {run_id}: the run was trained with other values of {', '.join(fixed)} "
                         f"({shown}); these change its numbers: pass the spec and overrides it started with")
-    point = ResumePoint(start_epoch=1, logged=dict(snap.last_steps), changes=changes, has_model=snap.has_model)
+    point = ResumePoint(start_epoch=1, logged=dict(snap.last_steps), changes=changes, has_model=snap.has_model,
+                        resumed=True, has_params=bool(snap.params))
+    if str(snap.params.get("train.threads_used", "")).isdigit():
+        point.threads = int(snap.params["train.threads_used"])
     if state is not None:
         epoch = state["epoch"]
         if epoch > spec.train.epochs:

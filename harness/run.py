@@ -11,23 +11,25 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from harness import failpoints
 from harness.core.data import Data, load_data
-from harness.core.device import resolve_device
+from harness.core.device import apply_threads, resolve_device, wait_policy
 from harness.core.loop import Diverged, Precision, Stopped, evaluate, sanity_check
 from harness.core.models import build_model, check_submodules, has_batchnorm
 from harness.core.modes import Correct, get_policy
 from harness.core.rng import seed_everything
-from harness.epochs import EpochCallback, MetricLog, RunResult, log_guard, train_epochs
+from harness.epochs import EpochCallback, MetricLog, RunResult, train_epochs
 from harness.errors import UserError
 from harness.guard import ModeGuard, ModeGuardError
 from harness.locks import Busy, run_lock
 from harness.resume import ResumePoint, resume_point
 from harness.spec import Spec
 from harness.tracking.tracker import Tracker
+from harness.uploads import Uploads
 
 log = logging.getLogger("harness.run")
 
@@ -59,12 +61,12 @@ class Parts:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     policy: Correct
+    threads: int = 1  # torch's CPU threads, as harness.core.device's policy chose them
 
 
 def build(spec: Spec, device: torch.device | None = None, data: Data | None = None) -> Parts:
     device = device or resolve_device(spec.train.device)
-    if spec.train.threads:
-        torch.set_num_threads(spec.train.threads)
+    threads = apply_threads(spec.train.threads)
     data = data or load_data(spec.data, spec.seed, device)
     seed_everything(spec.seed, spec.train.deterministic)
     model = build_model(spec.model, data.input_shape, data.num_classes).to(device)
@@ -79,7 +81,7 @@ def build(spec: Spec, device: torch.device | None = None, data: Data | None = No
         torch.backends.cudnn.benchmark = not spec.train.deterministic
     policy.precision = Precision(spec.train.amp, device)  # read by train_one_epoch and evaluate
     policy.start_run(model)  # freezes declared submodules before the optimizer sees the parameters
-    return Parts(device, data, model, build_optimizer(spec, model), policy)
+    return Parts(device, data, model, build_optimizer(spec, model), policy, threads)
 
 
 def run(
@@ -94,6 +96,7 @@ def run(
     progress: bool = True,
     data: Data | None = None,
     system_metrics: bool | None = False,
+    on_tested: Callable[[RunResult], None] | None = None,
 ) -> RunResult:
     """Train and validate ``spec`` as one tracked run; returns its id and numbers.
 
@@ -101,7 +104,8 @@ def run(
     continued as :mod:`harness.resume` says). ``on_epoch(epoch, metrics)`` is called after each
     epoch's metrics are logged; raising :class:`~harness.core.loop.Stopped` there ends the run early
     (its curves stay). Divergence raises :class:`~harness.core.loop.Diverged` after marking the run
-    FAILED with the reason as a tag. ``system_metrics`` None: MLflow's own switch decides. Only one
+    FAILED with the reason as a tag. ``system_metrics`` None: MLflow's own switch decides.
+    ``on_tested(result)`` is called once the test metrics are in the store, before the model is logged. Only one
     process at a time trains a given run on a machine (a second ``--resume`` is refused)."""
     if tracker is None:
         from harness.tracking.mlflow_tracker import MlflowTracker
@@ -116,6 +120,8 @@ def run(
         point = ResumePoint(start_epoch=1)
         if resume_run_id:
             point = resume_point(tracker, spec, parts.model, parts.optimizer, parts.policy.precision.scaler)
+            if point.threads and not spec.train.threads:  # the count it started with: the same sums
+                parts.threads = apply_threads(point.threads)
         guard = None
         if spec.guard != "off":
             guard = ModeGuard(parts.model, frozen=parts.policy.frozen,
@@ -127,47 +133,52 @@ def run(
                            tags=base_tags, resume=bool(resume_run_id), system_metrics=system_metrics):
             if not resume_run_id:
                 held.enter_context(_only_trainer(tracker.run_id))
-            return _tracked(spec, parts, tracker, guard, point, on_epoch, progress)
+            return _tracked(spec, parts, tracker, guard, point, on_epoch, progress, on_tested)
 
 
 def _tracked(spec: Spec, parts: Parts, tracker: Tracker, guard: ModeGuard | None, point: ResumePoint,
-             on_epoch: EpochCallback | None, progress: bool) -> RunResult:
+             on_epoch: EpochCallback | None, progress: bool,
+             on_tested: Callable[[RunResult], None] | None = None) -> RunResult:
     """Everything a run does between the start and the end of its tracked run."""
     t0 = time.perf_counter()
     log = MetricLog(tracker, point.logged)
-    try:
-        if point.start_epoch > 1 or point.logged:
-            tracker.set_tags({"resumed_from_epoch": point.start_epoch - 1, "resumed_from": point.source,
-                              **({"resume.changes": "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in
-                                                             point.changes.items())} if point.changes else {})})
-            if point.changes:
-                tracker.log_text(spec.to_yaml(), "spec.yaml")
-        else:
-            _log_start(tracker, spec, parts)
-        result = train_epochs(spec, parts, log, guard, point, on_epoch, progress)
-        failpoints.reach("after_last_epoch")
-        test = evaluate(parts.model, parts.data.test, parts.device, policy=parts.policy, guard=guard,
-                        prefix="test")
-        if guard is not None:  # the test phase joins the last epoch's ledger and findings
-            log_guard(tracker, guard, guard.end_epoch(result.epochs), result.epochs)
-            result.guard = guard.summary()
-    except Diverged as e:
-        e.args = (_divergence_reason(e, guard),)
-        _record_failure(tracker, e)
-        if guard is not None and guard.summary():  # what the guard saw before the loss blew up
-            tracker.set_tags({f"mode_guard.{k}": ",".join(v) for k, v in guard.summary().items()})
-        _score_diverged(log, parts, step=len(point.history.get("train/loss", [])) + 1)
-        raise
-    except BaseException as e:
-        _record_failure(tracker, e)
-        raise
-    finally:
-        if guard is not None:
-            guard.close()
-    test = {k: v for k, v in test.items() if k in ("test/loss", "test/acc")}
-    log(test, step=result.epochs)
-    tracker.flush()
+    with Uploads(tracker, guard, spec.train.upload_every_s) as uploads:
+        try:
+            if point.resumed:
+                tracker.set_tags({"resumed_from_epoch": point.start_epoch - 1, "resumed_from": point.source,
+                                  **({"resume.changes": "; ".join(f"{k}: {a} -> {b}" for k, (a, b) in
+                                                                 point.changes.items())} if point.changes else {})})
+                if point.changes and point.has_params:
+                    tracker.log_text(spec.to_yaml(), "spec.yaml")
+            if not point.has_params:  # a new run, or one killed before it logged them
+                _log_start(tracker, spec, parts)
+            result = train_epochs(spec, parts, log, guard, point, on_epoch, progress, uploads)
+            failpoints.reach("after_last_epoch")
+            test = evaluate(parts.model, parts.data.test, parts.device, policy=parts.policy, guard=guard,
+                            prefix="test")
+            if guard is not None:  # the test phase joins the last epoch's ledger and findings
+                uploads.guard_epoch(result.epochs)
+                result.guard = guard.summary()
+            test = {k: v for k, v in test.items() if k in ("test/loss", "test/acc")}
+            log(test, step=result.epochs)
+            uploads.send()  # the run's end: every metric, the ledger, the last checkpoints
+        except Diverged as e:
+            e.args = (_divergence_reason(e, guard),)
+            _record_failure(uploads, e)
+            if guard is not None and guard.summary():  # what the guard saw before the loss blew up
+                tracker.set_tags({f"mode_guard.{k}": ",".join(v) for k, v in guard.summary().items()})
+            _score_diverged(log, parts, step=len(point.history.get("train/loss", [])) + 1)
+            raise
+        except BaseException as e:
+            _record_failure(uploads, e)
+            raise
+        finally:
+            if guard is not None:
+                guard.close()
     result.metrics.update(test)
+    if on_tested is not None:
+        result.seconds = time.perf_counter() - t0
+        on_tested(result)
     failpoints.reach("during_model_log")
     if spec.train.log_model and not point.has_model:
         model = parts.model.to("cpu").eval()
@@ -213,8 +224,9 @@ def _score_diverged(log: MetricLog, parts: Parts, step: int) -> None:
     tracker.set_tags({"diverged.weights": "finite"})
 
 
-def _record_failure(tracker: Tracker, e: BaseException) -> None:
-    """What was measured before the run ended is kept; the reason goes to a tag."""
+def _record_failure(uploads: Uploads, e: BaseException) -> None:
+    """What was measured before the run ended is kept (sent now, when the store answers); the reason
+    goes to a tag."""
     if isinstance(e, ModeGuardError):  # guard: raise
         tags = {"failure_reason": str(e), f"mode_guard.{e.kind}": ",".join(e.modules)}
     elif isinstance(e, Diverged):
@@ -223,18 +235,18 @@ def _record_failure(tracker: Tracker, e: BaseException) -> None:
         tags = {"stopped_early": str(e) or "stopped"}
     else:
         tags = {}
-    if tracker.reachable():
-        tracker.flush()
-        if tags:
-            tracker.set_tags(tags)
+    uploads.send_on_failure()
+    if tags and uploads.tracker.reachable():
+        uploads.tracker.set_tags(tags)
 
 
 def _log_start(tracker: Tracker, spec: Spec, parts: Parts) -> None:
-    tracker.log_params(spec.params())
-    tracker.log_text(spec.to_yaml(), "spec.yaml")
     d = parts.data
-    tracker.log_params({**{f"data.size.{k}": v for k, v in d.sizes.items()},
-                        "data.num_classes": d.num_classes})
+    # One request for every param: against a tracking server each request costs 50 ms or more.
+    tracker.log_params({**spec.params(), **{f"data.size.{k}": v for k, v in d.sizes.items()},
+                        "data.num_classes": d.num_classes, "train.threads_used": parts.threads,
+                        "train.omp_wait_policy": wait_policy()})
+    tracker.log_text(spec.to_yaml(), "spec.yaml")
     x, y = next(iter(d.val))
     tracker.log_dataset(x[:64].cpu().numpy(), y[:64].cpu().numpy(), name=f"{d.name}-val-sample",
                         source=d.source, context="validation")

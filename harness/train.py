@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from harness.cli import Parser
+from harness.cli import Parser, exit_with
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,6 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from harness.cli import setup_logging, user_errors
+    from harness.core.device import prepare_threads
+
+    prepare_threads()  # before torch loads: OpenMP reads its wait policy once
 
     setup_logging()
     with user_errors("harness.train"):
@@ -37,20 +40,22 @@ def main(argv: list[str] | None = None) -> int:
         from harness.run import run
         from harness.tracking.store import mlflow_ui_command
 
+        def report(result) -> None:  # the numbers, printed before the model is logged
+            m = result.metrics
+            print(f"run {result.run_id}: val/acc {m['val/acc']:.4f} (best {result.best:.4f}), "
+                  f"test/acc {m['test/acc']:.4f}, {result.seconds:.1f}s", flush=True)
+            if result.guard:
+                print(f"mode guard findings: {result.guard}", flush=True)
+
         try:
-            result = run(spec, run_name=args.run_name, resume_run_id=args.resume, progress=not args.quiet,
-                         system_metrics=None)
+            run(spec, run_name=args.run_name, resume_run_id=args.resume, progress=not args.quiet,
+                system_metrics=None, on_tested=report)
         except Diverged as e:
             print(f"harness.train: the run diverged and was marked FAILED: {e}", file=sys.stderr)
             return 1
-        m = result.metrics
-        print(f"run {result.run_id}: val/acc {m['val/acc']:.4f} (best {result.best:.4f}), "
-              f"test/acc {m['test/acc']:.4f}, {result.seconds:.1f}s")
-        if result.guard:
-            print(f"mode guard findings: {result.guard}")
         print(f"browse: {mlflow_ui_command()}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -10,6 +10,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The harness's thread policy in this process too (OpenMP's waiting threads sleep: a test run beside
+# other CPU-bound jobs does not spin against them); set before any test module imports torch.
+from harness.core.device import prepare_threads  # noqa: E402  (imports no torch)
+
+prepare_threads()
+
 # MLflow's own switch: no system-metrics sampler thread in the tests' runs, nor in the CLI runs they
 # start (a subprocess inherits it). A test that checks system metrics turns it back on.
 os.environ["MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"] = "false"

@@ -242,9 +242,10 @@ def test_run_logs_findings_tags_metric_and_ledger_unless_off():
     assert "mode_guard.bn_stats_changed_in_eval" in t.tags
     assert [v for _, v in t.metrics["mode_guard/findings"]] == [12, 12]
     pages = {k: v for k, v in t.artifacts.items() if k.startswith("mode_guard/ledger/")}
-    assert set(pages) == {"mode_guard/ledger/epoch-0001.json", "mode_guard/ledger/epoch-0002.json"}
-    assert set(pages["mode_guard/ledger/epoch-0002.json"]) == {"train", "val", "test"}  # test joins the last
-    assert pages["mode_guard/ledger/epoch-0001.json"]["val"]["classifier.3"] == "train"
+    assert set(pages) == {"mode_guard/ledger/epochs-0001-0002.json"}  # sent once, at the end
+    (ledger,) = pages.values()
+    assert set(ledger["2"]) == {"train", "val", "test"}  # the test phase joins the last epoch
+    assert ledger["1"]["val"]["classifier.3"] == "train"
     assert set(bug.guard) == EXPECTED["no_eval"]
     clean, tc = _run(["mode_bug=none"])
     assert not any(k.startswith("mode_guard.") for k in tc.tags)

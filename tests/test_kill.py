@@ -17,7 +17,10 @@ from conftest import ROOT, all_runs, run_cli
 from harness import failpoints
 
 DIGITS = str(ROOT / "experiments" / "digits_lenet.yaml")
-RUN = [DIGITS, "train.epochs=3", "data.limit_train=300", "train.sanity_check=false", "train.log_every=2"]
+# Every epoch uploaded (train.upload_every_s=0), so the per-epoch points are reached in every epoch;
+# test_a_run_killed_before_its_first_upload covers the default, time-based uploads.
+RUN = [DIGITS, "train.epochs=3", "data.limit_train=300", "train.sanity_check=false", "train.log_every=2",
+       "train.upload_every_s=0"]
 CURVES = ("train/loss", "train/acc", "val/loss", "val/acc", "train/running_loss", "test/acc", "test/loss")
 KILLED = -signal.SIGKILL
 SLOW = pytest.mark.slow  # every point runs in CI's slow pass; the default run keeps a representative few
@@ -77,6 +80,34 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_numbers(point, fast_
     models = client.search_logged_models([resumed.info.experiment_id])
     assert [str(getattr(m.status, "value", m.status)) for m in models] == ["READY"]  # one model, whole
     assert len(all_runs(fast_store)) == 1
+
+
+@pytest.mark.parametrize("point, source", [
+    ("after_last_epoch", "the start"),
+    ("mid_checkpoint_upload", "checkpoints/best.pt (checkpoints/last.pt was torn and skipped)")])
+def test_a_run_killed_before_its_first_upload_resumes_to_the_uninterrupted_numbers(point, source, fast_store,
+                                                                                   tmp_path, reference):
+    """The default cadence: a short run uploads its metrics and checkpoints once, at its end. Killed
+    before that upload, the store holds the run and its params and the resume starts over from epoch 1;
+    killed in the middle of it (best.pt goes first, last.pt is torn), it goes on from best.pt. Either
+    way every step is logged once, with the uninterrupted numbers."""
+    from mlflow import MlflowClient
+
+    from harness.run import run
+    from harness.spec import load_spec
+
+    default = [a for a in RUN if not a.startswith("train.upload_every_s")]
+    victim = run_cli("harness.train", *default, "--quiet", cwd=tmp_path, env={"HARNESS_FAILPOINT": point})
+    assert victim.returncode == KILLED, victim.stderr
+    (killed,) = all_runs(fast_store)
+    client = MlflowClient(fast_store)
+    assert "optimizer.lr" in killed.data.params
+    if point == "after_last_epoch":
+        assert client.get_metric_history(killed.info.run_id, "val/acc") == []  # nothing sent yet
+    result = run(load_spec(default[0], default[1:]), resume_run_id=killed.info.run_id, progress=False)
+    resumed = client.get_run(result.run_id)
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["resumed_from"] == source
+    assert _curves(client, killed.info.run_id) == reference
 
 
 @pytest.mark.slow  # ~30-60 s; CI's slow pass runs it

@@ -129,7 +129,8 @@ def _history(client, run_id: str, key: str = "val/acc") -> list[int]:
 
 
 def _wait_for_epochs(client, experiment: str, n: int, proc: subprocess.Popen, seconds: float = 180):
-    """The run id of the only run in ``experiment`` once it has logged ``n`` epochs."""
+    """The run id of the only run in ``experiment`` once it has logged ``n`` epochs (the run must send
+    every epoch: train.upload_every_s=0)."""
     deadline = time.time() + seconds
     while time.time() < deadline:
         assert proc.poll() is None, proc.communicate()
@@ -193,7 +194,7 @@ def test_run_killed_and_resumed_through_the_tracking_server(server_env, tmp_path
     from mlflow import MlflowClient
 
     name = _unique("pg-run")
-    args = [SPEC, *TINY, "train.epochs=12", f"name={name}", "--quiet"]
+    args = [SPEC, *TINY, "train.epochs=12", "train.upload_every_s=0", f"name={name}", "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "harness.train", *args], cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": str(ROOT), **server_env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -221,6 +222,7 @@ def test_tracking_server_back_within_the_retry_window_the_run_goes_on(servers, o
     name = _unique("pg-blip")
     env = {"MLFLOW_TRACKING_URI": own_server.url, "PGPASSFILE": servers["PGPASSFILE"]}
     proc = subprocess.Popen([sys.executable, "-m", "harness.train", SPEC, *TINY, "train.epochs=12",
+                             "train.upload_every_s=0",
                              "train.checkpoint=false", f"name={name}", "--quiet"], cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": str(ROOT), **env},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -248,7 +250,7 @@ def test_tracking_server_gone_the_run_fails_clearly_and_keeps_what_was_logged(se
     env = {"MLFLOW_TRACKING_URI": own_server.url, "PGPASSFILE": servers["PGPASSFILE"],
            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
            "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-    args = [SPEC, *TINY, "train.epochs=12", f"name={name}", "--quiet"]
+    args = [SPEC, *TINY, "train.epochs=12", "train.upload_every_s=0", f"name={name}", "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "harness.train", *args], cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": str(ROOT), **env},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -343,8 +345,14 @@ def test_three_workers_on_two_machines_complete_exactly_n_trials(servers, server
     """`--workers 2` here and one more worker "on another machine" (a second command against the same
     --storage and tracking server): 3 worker processes, one study, one parent run, exactly N trials."""
     name, n = _unique("pg-sweep3"), 9
-    a = _popen(_sweep_cmd(servers, name, n, "--workers", "2"), tmp_path, server_env, tmp_path / "a.log")
-    b = _popen(_sweep_cmd(servers, name, n), tmp_path, server_env, tmp_path / "b.log")
+
+    def cmd(*extra):  # trials of ~3 s: longer than a worker's start-up, so one cannot take them all
+        c = _sweep_cmd(servers, name, n, *extra)
+        c[c.index("train.epochs=3")] = "train.epochs=30"
+        return c
+
+    a = _popen(cmd("--workers", "2"), tmp_path, server_env, tmp_path / "a.log")
+    b = _popen(cmd(), tmp_path, server_env, tmp_path / "b.log")
     assert a.wait(600) == 0, (tmp_path / "a.log").read_text()[-3000:]
     assert b.wait(600) == 0, (tmp_path / "b.log").read_text()[-3000:]
     study, trials, runs, parent = _check_study_and_runs(servers, name, n)
@@ -372,32 +380,20 @@ def test_sigkilled_worker_trial_goes_stale_is_retried_and_its_run_ends_killed(se
                                                                               tmp_path):
     """Worker A ("another machine") is SIGKILLed mid-trial. Its heartbeat stops; worker B fails the
     trial as stale, marks its MLflow run KILLED, queues its params again, and the study still ends
-    with exactly N finished trials."""
+    with exactly N finished trials. The kill is an event, not a moment: A kills itself (a failpoint)
+    once its first trial's metrics are in the store and before Optuna hears of its end, however slowly a
+    loaded machine runs it; B starts once A's heartbeat is stale."""
     name, n = _unique("pg-kill"), 6
     other = _other_machine()
-    env = server_env
-    hb = ["--heartbeat", "1"]  # stale after 3 s
-    cmd = _sweep_cmd(servers, name, n, *hb)
-    # long enough trials to be killed mid-way even on a quiet machine (~0.1 s per epoch)
-    cmd[cmd.index("train.epochs=3")] = "train.epochs=100"
-    a = _popen(cmd, tmp_path, env, tmp_path / "a.log", prefix=other)
-    # A trial of A, mid-way: RUNNING with its MLflow run started (mlflow_run_id is set at epoch 1).
-    deadline, victim = time.time() + 300, None
-    while victim is None and time.time() < deadline:
-        assert a.poll() is None, (tmp_path / "a.log").read_text()[-3000:]
-        try:
-            running = _study(servers, name).get_trials(deepcopy=False)
-        except KeyError:  # the study is not created yet
-            running = []
-        victim = next((t for t in running if t.state.name == "RUNNING"
-                       and t.user_attrs.get("mlflow_run_id")), None)
-        time.sleep(0.5)
-    assert victim is not None, "worker A never got a trial going"
-    b = _popen(cmd, tmp_path, env, tmp_path / "b.log")
-    time.sleep(1)
-    os.killpg(a.pid, signal.SIGKILL)
-    a.wait()
-    assert b.wait(900) == 0, (tmp_path / "b.log").read_text()[-3000:]
+    cmd = _sweep_cmd(servers, name, n, "--heartbeat", "1")  # stale after 3 s
+    a = _popen(cmd, tmp_path, {**server_env, "HARNESS_FAILPOINT": "after_epoch_metrics"}, tmp_path / "a.log",
+               prefix=other)
+    assert a.wait(300) == -signal.SIGKILL, (tmp_path / "a.log").read_text()[-3000:]
+    (victim,) = [t for t in _study(servers, name).get_trials(deepcopy=False) if t.state.name == "RUNNING"]
+    assert victim.user_attrs.get("mlflow_run_id"), victim.user_attrs  # its run had started
+    time.sleep(4)  # past 3 heartbeats
+    b = _popen(cmd, tmp_path, server_env, tmp_path / "b.log")
+    assert b.wait(600) == 0, (tmp_path / "b.log").read_text()[-3000:]
 
     study, trials, runs, _ = _check_study_and_runs(servers, name, n)
     killed = study._storage.get_trial(victim._trial_id)

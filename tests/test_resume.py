@@ -25,8 +25,9 @@ from harness.errors import CheckpointError
 DIGITS = str(ROOT / "experiments" / "digits_lenet.yaml")
 # Small batches make epochs long enough to kill one mid-run; one thread keeps the arithmetic identical
 # between processes (and is kind to a shared machine). Dropout makes the RNG state part of the story.
+# Every epoch uploaded (train.upload_every_s=0), so the test sees the epochs come in and kills mid-run.
 ARGS = [DIGITS, "train.epochs=8", "data.batch_size=25", "model.dropout=0.2", "train.threads=1",
-        "train.log_model=false"]
+        "train.log_model=false", "train.upload_every_s=0"]
 FINAL = ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc")
 
 

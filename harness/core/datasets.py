@@ -41,15 +41,31 @@ def builtin(spec) -> Source:
 
 
 def _digits() -> Source:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.from_numpy((d.images / 16.0).astype(np.float32)[:, None, :, :])  # (1797, 1, 8, 8)
-    y = torch.from_numpy(d.target.astype(np.int64))
+    images, target = _digits_arrays()
+    x = torch.from_numpy((images / 16.0).astype(np.float32)[:, None, :, :])  # (1797, 1, 8, 8)
+    y = torch.from_numpy(target.astype(np.int64))
     order = np.random.default_rng(TEST_SPLIT_SEED).permutation(len(y))
     k = int(round(len(y) * 0.2))
     test, rest = torch.from_numpy(np.sort(order[:k])), torch.from_numpy(np.sort(order[k:]))
     return Source((x[rest], y[rest]), (x[test], y[test]), 10, "sklearn.datasets.load_digits")
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits file, read as ``load_digits`` reads it, without importing scikit-learn
+    (its import costs a second or more of every command's start-up)."""
+    import gzip
+    from importlib.util import find_spec
+
+    spec = find_spec("sklearn")  # locates the package without running it
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if path is None or not path.is_file():  # another layout: let scikit-learn find it
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return d.images, d.target
+    with gzip.open(path, "rt") as f:
+        data = np.loadtxt(f, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
 
 
 # -- MNIST-format idx files --------------------------------------------------------------------------

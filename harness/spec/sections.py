@@ -190,9 +190,12 @@ class TrainSpec(_Section):
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     amp: Literal["off", "bf16", "fp16"] = "off"  # mixed precision (fp16 with a GradScaler)
     deterministic: bool = False
-    threads: int | None = Field(None, ge=1)  # torch CPU threads; None = torch's default
+    threads: int | None = Field(None, ge=1)  # torch CPU threads; None: harness.core.device's policy
     channels_last: bool = False  # conv weights in NHWC memory format (faster convolutions on CPU)
     checkpoint: bool = True
+    # Seconds between uploads of metrics, checkpoints and the guard's ledger (0: every epoch); always at
+    # the end. A killed run resumes from the last upload (harness/uploads.py).
+    upload_every_s: float = Field(10.0, ge=0)
     sanity_check: bool = True
     mc_samples: int = Field(10, ge=1)  # passes averaged by the mc_dropout policy
     log_model: bool = True

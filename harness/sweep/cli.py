@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default 10)")
     p.add_argument("--check-storage", action="store_true",
                    help="check the Optuna storage and the MLflow store, then exit")
+    p.add_argument("--log-models", action="store_true",
+                   help="log each trial's final model (default: trials keep their checkpoints; the best "
+                        "params' harness.train line logs the model)")
     p.add_argument("--quiet", action="store_true", help="no per-trial lines")
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     # Intermixed: 'SPEC key=v --n-trials 3 key2=v' puts every key=value in overrides.
@@ -75,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from harness.cli import setup_logging, user_errors
+    from harness.core.device import prepare_threads
+
+    # Before torch loads (OpenMP reads its wait policy once); a worker's share of the cores.
+    prepare_threads(args.workers if args.worker_index is not None else 1)
 
     setup_logging()
     import logging
@@ -145,16 +152,13 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    """One of K worker processes started by ``_sweep``: trials only, no summary."""
-    import torch
-
-    from harness.core.device import threads_for
+    """One of K worker processes started by ``_sweep``: trials only, no summary; its share of the cores
+    was set by ``main``."""
     from harness.sweep import parent, worker
     from harness.sweep.context import open_context
 
     ctx = open_context(args, label=f"w{args.worker_index}", on_stale=worker.on_stale)
     ctx.parent_run_id = ctx.study.user_attrs[parent.PARENT_ATTR]
-    torch.set_num_threads(threads_for(args.workers))
     with sigterm_as_interrupt():
         return worker.run_worker(ctx, on_trial=_printer(ctx))
 
@@ -201,7 +205,7 @@ def _run_workers(args: argparse.Namespace, ctx) -> int:
                         ("--heartbeat", args.heartbeat)):
         if value is not None:
             base += [flag, str(value)]
-    base += ["--retry-failed"] * args.retry_failed + ["--quiet"] * args.quiet
+    base += ["--retry-failed"] * args.retry_failed + ["--quiet"] * args.quiet + ["--log-models"] * args.log_models
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}

@@ -35,6 +35,7 @@ class Context:
     pruner: str = "median"
     label: str = ""
     quiet: bool = False
+    log_models: bool = False  # each trial logs its final model (--log-models)
     parent_run_id: str = ""
     _data: dict = field(default_factory=dict)
 
@@ -70,7 +71,8 @@ def open_context(args, label: str = "", on_stale=None) -> Context:
                    study=study, study_name=name, storage_url=args.storage, experiment_id=exp_id,
                    n_trials=n_trials, timeout=args.timeout, retry_failed=args.retry_failed,
                    workers=args.workers,
-                   sampler=args.sampler, pruner=args.pruner, label=label, quiet=args.quiet)
+                   sampler=args.sampler, pruner=args.pruner, label=label, quiet=args.quiet,
+                   log_models=getattr(args, "log_models", False))
     ctx._data[data_key(spec)] = parts.data
     return ctx
 

@@ -149,9 +149,11 @@ def find_trial_run(study_name: str, trial: FrozenTrial) -> str | None:
 def end_run(run_id: str, status: str | None, tags: dict[str, Any]) -> None:
     from mlflow import MlflowClient
 
+    from mlflow.entities import RunTag
+
     client = MlflowClient()
-    for k, v in tags.items():
-        if v not in (None, ""):
-            client.set_tag(run_id, k, str(v)[:5000])
+    items = [RunTag(k, str(v)[:5000]) for k, v in tags.items() if v not in (None, "")]
+    if items:  # one request: against a tracking server each costs 50 ms or more
+        client.log_batch(run_id, tags=items, synchronous=True)
     if status and client.get_run(run_id).info.status == "RUNNING":
         client.set_terminated(run_id, status)

@@ -142,7 +142,9 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
     interrupted: BaseException | None = None
     beat = _Heartbeat(ctx.study, trial)
     try:
-        spec = ctx.spec.with_overrides(trial.params)
+        # A model per trial costs a dozen requests to a tracking server (MLflow links it to every
+        # metric): trials keep their checkpoints, and the best params' harness.train line logs one.
+        spec = ctx.spec.with_overrides({**trial.params, **({} if ctx.log_models else {"train.log_model": False})})
         tracker = MlflowTracker()
         result = run(spec, tracker=tracker, run_name=f"trial-{n}", parent_run_id=ctx.parent_run_id,
                      tags=tags, on_epoch=on_epoch, progress=False, data=_data(ctx, spec),
