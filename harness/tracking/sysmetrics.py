@@ -14,6 +14,8 @@ import logging
 import os
 from typing import Iterator
 
+from harness.tracking import store
+
 log = logging.getLogger("harness.tracking")
 
 # Measured with benchmarks/system_metrics.py (README 'What lands in MLflow'): a sample costs a psutil
@@ -63,12 +65,14 @@ def _monitor_class():
                 log.debug("system metrics: sampling stopped: %s", e)
                 return False
 
-        def finish(self) -> None:
+        def finish(self, log_tail: bool = True) -> None:
             if self._process is None:
                 return
             self._shutdown_event.set()
             self._process.join(timeout=JOIN_TIMEOUT_S)
             self._process = None
+            if not log_tail:
+                return
             # The tail, unless it is too short for a CPU reading to mean anything.
             if time.monotonic() - self._last >= MIN_TAIL_S:
                 self._sample()
@@ -97,6 +101,9 @@ def sampling(run_id: str, *, on: bool | None = None, resume: bool = False,
         monitor = None
     try:
         yield
-    finally:
-        if monitor is not None:
-            monitor.finish()
+    except BaseException:
+        if monitor is not None:  # a gone tracking server would hold the end for minutes of retries
+            monitor.finish(log_tail=not store.tracking_server_down())
+        raise
+    if monitor is not None:
+        monitor.finish()
