@@ -213,15 +213,15 @@ def write_report(ab: Ablation, table: pd.DataFrame, runs: pd.DataFrame, out: Pat
         "of the best of 5 interleaved evaluations (checkpoint arms); the autograd graph is the memory a "
         "missing `torch.no_grad()` holds per validation batch (on CUDA, the extra peak memory).",
         "",
-        shown[[c for c in shown if not c.startswith(GUARD_COLUMNS)]].to_markdown(index=False),
+        md_table(shown[[c for c in shown if not c.startswith(GUARD_COLUMNS)]]),
         "",
         "### What each arm's runs show",
         "",
-        shown[["arm", *[c for c in shown if c.startswith(GUARD_COLUMNS)]]].to_markdown(index=False),
+        md_table(shown[["arm", *[c for c in shown if c.startswith(GUARD_COLUMNS)]]]),
         "",
         "## All metrics (mean ± std; Δ vs control with its CI and exact p)",
         "",
-        loss_table(table).to_markdown(index=False),
+        md_table(loss_table(table)),
         "",
     ]
     if "effects" in files:
@@ -234,6 +234,14 @@ def write_report(ab: Ablation, table: pd.DataFrame, runs: pd.DataFrame, out: Pat
     files["report"].write_text("\n".join(lines) + "\n")
     files["html"].write_text(markdown_to_html(files["report"].read_text(), out, f"Ablation {ab.spec.name}"))
     return files
+
+
+def md_table(df: pd.DataFrame) -> str:
+    """A Markdown table whose cells may hold ``|`` (as in ``|Δ|``): escaped, or the row splits there."""
+    def esc(v):
+        return str(v).replace("|", "\\|")
+
+    return df.rename(columns=esc).map(esc).to_markdown(index=False)
 
 
 def parent_note(ab: Ablation, table: pd.DataFrame, *, experiment_id: str, parent_run_id: str, n_runs: int,
@@ -261,5 +269,5 @@ def parent_note(ab: Ablation, table: pd.DataFrame, *, experiment_id: str, parent
         + (f", **{len(failures)} failed**" if failures else "") + f". [The full report]({report}) "
         f"(statistics, all metrics, figures); each arm's name links to its runs.",
         "",
-        shown[cols].to_markdown(index=False),
+        md_table(shown[cols]),
     ])

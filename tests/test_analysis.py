@@ -258,7 +258,9 @@ def test_tiny_ablation_report_files_and_parent_artifacts(tiny):
     # the HTML report: the Markdown rendered, both figures inside it, nothing left as Markdown syntax
     html = (out / "report.html").read_text()
     assert html.count('<img src="data:image/png;base64,') == 2 and "![" not in html
-    assert "<table>" in html and "flagged 2/2: missing_zero_grad" in html
+    # every table is one (a "|" inside a cell, as in |Δ|, used to split the headline one into text)
+    assert html.count("<table>") == 3 and re.search(r"<th[^>]*>detectable \|Δ\| ≥</th>", html)
+    assert "flagged 2/2: missing_zero_grad" in html
     assert "ablation/report.html" in logged
     assert any("no_zero_grad seed 1" in line for line in tiny["lines"])
 

@@ -338,6 +338,7 @@ def test_pruned_trial_keeps_its_curve_and_state_tag(fast_store, monkeypatch):
         assert run.data.tags["optuna.state"] == "PRUNED"
         assert "pruned" in run.data.tags["stopped_early"]
         assert "failure_reason" not in run.data.tags  # pruned is not failed
+        assert run.data.tags["mlflow.note.content"].startswith("**Pruned** by the median pruner at epoch 2")
         assert not t.user_attrs["failure_reason"] and "pruned" in t.user_attrs["stopped_early"]
         assert not [k for k in run.data.metrics if k.startswith("test/")]  # never tested, nothing made up
         curve = client.get_metric_history(run.info.run_id, "val/acc")

@@ -18,34 +18,43 @@ def parent_note(ctx, s: dict[str, Any]) -> str:
     metric, exp = ctx.spec.search.metric, ctx.experiment_id
     c = s["counts"]
     best: list[FrozenTrial] = s["best"]
+    ranked = links.runs_path(exp, f"tags.mlflow.parentRunId = '{ctx.parent_run_id}'",
+                             order_by=f"metrics.`{metric}`", ascending=ctx.spec.search.direction == "minimize")
     lines = []
     if best:
         top = best[0]
         params = ", ".join(f"`{k}={st.fmt_value(v)}`" for k, v in top.params.items())
-        lines += [f"**Best: {_trial_link(exp, top)}, {metric} {top.value:.4f}** ({params})", ""]
+        lines += [f"**Best: {_trial_link(exp, top)}, {metric} {top.value:.4f}** · [Every trial, best first]"
+                  f"({ranked})", "", f"Best params: {params}", ""]
     else:
-        lines += ["**No trial has completed yet.**", ""]
+        lines += [f"**No trial has completed yet** · [Every trial]({ranked})", ""]
+    # The first lines are what shows before "Show more": the best trial, every trial, the counts.
     lines += [
-        f"Study `{ctx.study_name}`: {ctx.spec.search.direction} `{metric}` over {', '.join(f'`{k}`' for k in ctx.space)}. "
         f"{s['finished']} of {ctx.n_trials} trials finished: **{c.get('COMPLETE', 0)} complete, "
-        f"{c.get('PRUNED', 0)} pruned, {c.get('FAIL', 0)} failed**; {s['epochs_run']} of {s['epochs_full']} "
-        f"epochs trained ({s['saved']:.0%} saved by pruning). Sampler `{ctx.sampler}`, pruner `{ctx.pruner}`.",
-        ""]
+        f"{c.get('PRUNED', 0)} pruned, {c.get('FAIL', 0)} failed**.", "",
+        f"Study `{ctx.study_name}`: {ctx.spec.search.direction} `{metric}` over "
+        f"{', '.join(f'`{k}`' for k in ctx.space)}; {s['epochs_run']} of {s['epochs_full']} epochs trained "
+        f"({s['saved']:.0%} saved by pruning); sampler `{ctx.sampler}`, pruner `{ctx.pruner}`.", ""]
     if best:
         keys = list(ctx.space)
-        lines += ["| rank | trial | " + " | ".join([metric, *keys, "epochs"]) + " |",
+        lines += ["| rank | trial | " + " | ".join([metric, *_short(keys), "epochs"]) + " |",
                   "|---:|---|" + "---:|" * (len(keys) + 2)]
         for rank, t in enumerate(best, 1):
             cells = [f"{t.value:.4f}", *(st.fmt_value(t.params.get(k)) for k in keys), str(_epochs(t))]
             lines.append(f"| {rank} | {_trial_link(exp, t)} | " + " | ".join(cells) + " |")
-        command = " ".join(["python -m harness.train", ctx.spec_path, *ctx.overrides, st.override_line(best[0].params)])
-        lines += ["", "Best params, ready to paste:", "", "```", command, "```", ""]
-    ranked = links.runs_path(exp, f"tags.mlflow.parentRunId = '{ctx.parent_run_id}'",
-                             order_by=f"metrics.`{metric}`", ascending=ctx.spec.search.direction == "minimize")
-    lines += [f"[Every trial, best first]({ranked}) · the best trial's run has the tag `sweep.best = true` · "
-              f"progress: the `best/{metric}` chart (step = trial number) · Optuna's plots and `trials.csv` "
-              f"under Artifacts"]
+        # One argument a line: a long line would widen the whole run page (code blocks do not wrap).
+        args = [ctx.spec_path, *ctx.overrides, *st.override_line(best[0].params).split(" ")]
+        lines += ["", "The best trial as one run, ready to paste:", "", "```",
+                  " \\\n".join(["python -m harness.train", *(f"    {a}" for a in args)]), "```", ""]
+    lines += [f"The best trial's run has the tag `sweep.best = true`; the `best/{metric}` chart is the "
+              f"progress (step = trial number); Optuna's plots and `trials.csv` are under Artifacts."]
     return "\n".join(lines)
+
+
+def _short(keys: list[str]) -> list[str]:
+    """``optimizer.lr`` -> ``lr`` where no other key ends the same (MLflow's tables have no padding)."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return [s if last.count(s) == 1 else k for s, k in zip(last, keys)]
 
 
 def _trial_link(experiment_id: str, t: FrozenTrial) -> str:

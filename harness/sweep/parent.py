@@ -155,10 +155,19 @@ def trial_run_name(number: int, state: TrialState, reason: str = "") -> str:
 
 
 def trial_tags(state: TrialState, reason: str) -> dict[str, str]:
-    """``optuna.state`` and, when the trial failed or diverged, ``failure_reason`` (a pruned trial did not
-    fail: its run has ``stopped_early`` instead)."""
-    failed = state == TrialState.FAIL or reason.startswith("diverged")
-    return {"optuna.state": state.name, "failure_reason": reason if failed else ""}
+    """``optuna.state``; when the trial failed or diverged, ``failure_reason`` (a pruned trial did not
+    fail: its run has ``stopped_early`` instead); and for any trial that did not complete, a description
+    (shown at the top of its run page) saying what happened."""
+    diverged = reason.startswith("diverged")
+    failed = state == TrialState.FAIL or diverged
+    if diverged:
+        note = f"**Diverged** ({reason}). Optuna counts it PRUNED, so the sampler learns to avoid its region."
+    elif state == TrialState.PRUNED:
+        how = reason[len("pruned "):] if reason.startswith("pruned ") else "by the pruner"
+        note = f"**Pruned** {how}: its curves stop there, and it was never tested (no `test/*`)."
+    else:
+        note = f"**Failed**: {reason}" if state == TrialState.FAIL and reason else ""
+    return {"optuna.state": state.name, "failure_reason": reason if failed else "", "mlflow.note.content": note}
 
 
 def end_run(run_id: str, status: str | None, tags: dict[str, Any], name: str | None = None) -> None:
