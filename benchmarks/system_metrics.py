@@ -6,14 +6,15 @@ A sweep trial of the default spec (LeNet on digits, ``--epochs`` epochs, one tor
 and model logging as in a real trial) is run as a real tracked run (``harness.run.run`` into a temporary
 SQLite store), once with system metrics off and once with them sampled at each of ``--intervals``
 seconds (``harness.tracking.sysmetrics``), in rotating order, ``--pairs`` times. The whole run is timed
-(start to end of ``run()``: what a sweep waits for) and the training epochs alone (the runs'
-``time/train_epoch_s``). Printed: per interval the median over pairs of the run-time ratio
-sampled/unsampled and of the epoch-time ratio, each between runs that ran back to back, and how many
-samples a run got.
+(start to end of ``run()``: what a sweep waits for), in CPU time of the whole process (every thread:
+the sampler's work, robust to a busy neighbour that makes wall times noisy) and the training epochs
+alone (the runs' ``time/train_epoch_s``). Printed: per interval the median over pairs of each ratio
+sampled/unsampled, between runs that ran back to back, and how many samples a run got.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import sys
@@ -32,13 +33,32 @@ def one_run(spec, data, interval: float | None) -> dict:
 
     if interval is not None:
         os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = str(interval)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     result = run(spec, progress=False, data=data, system_metrics=interval is not None)
-    seconds = time.perf_counter() - t
+    seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
     client = MlflowClient()
     epochs = [m.value for m in client.get_metric_history(result.run_id, "time/train_epoch_s")]
     samples = len(client.get_metric_history(result.run_id, "system/cpu_utilization_percentage"))
-    return {"run_s": seconds, "epoch_s": statistics.median(epochs), "samples": samples}
+    return {"run_s": seconds, "cpu_s": cpu, "epoch_s": statistics.median(epochs), "samples": samples}
+
+
+def sample_cost(n: int = 40) -> float:
+    """Seconds one sample takes, sampled and flushed by hand into a run of its own (median of ``n``)."""
+    import mlflow
+
+    from harness.tracking import sysmetrics
+
+    with mlflow.start_run() as active:
+        monitor = sysmetrics._monitor_class()(active.info.run_id, sampling_interval=3600)
+        monitor._last = time.monotonic()
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            monitor._sample()
+            monitor.mlflow_logger.flush()
+            times.append(time.perf_counter() - t)
+            time.sleep(0.05)
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -48,6 +68,10 @@ def main() -> None:
     p.add_argument("--intervals", default="1,0.5", help="sampling intervals to compare, seconds")
     args = p.parse_args()
     intervals = [float(x) for x in args.intervals.split(",")]
+    from harness.cli import setup_logging
+
+    setup_logging()  # MLflow's own INFO lines (one per monitor started) are not results
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="bench-sysmetrics-") as tmp:
         os.chdir(tmp)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
@@ -68,15 +92,19 @@ def main() -> None:
                 rows[arm].append(one_run(spec, data, arm))
             print(f"pair {i + 1}: " + "  ".join(
                 f"{'off' if a is None else f'{a:g} s'} {rows[a][-1]['run_s']:.2f}s" for a in arms), flush=True)
+        per_sample = sample_cost()
     base = rows[None]
     print(f"\nsweep trial: digits LeNet, {args.epochs} epochs, 1 thread; {args.pairs} pairs; median run "
           f"{statistics.median(r['run_s'] for r in base):.2f} s unsampled")
     for a in intervals:
         run_ratio = statistics.median(x["run_s"] / b["run_s"] for x, b in zip(rows[a], base))
+        cpu_ratio = statistics.median(x["cpu_s"] / b["cpu_s"] for x, b in zip(rows[a], base))
         epoch_ratio = statistics.median(x["epoch_s"] / b["epoch_s"] for x, b in zip(rows[a], base))
         samples = statistics.median(x["samples"] for x in rows[a])
-        print(f"  sampled every {a:g} s: run time x{run_ratio:.3f}, training epoch x{epoch_ratio:.3f}, "
-              f"{samples:.0f} samples a run")
+        print(f"  sampled every {a:g} s: run time x{run_ratio:.3f}, CPU time of the process (every thread) "
+              f"x{cpu_ratio:.3f}, training epoch x{epoch_ratio:.3f}; {samples:.0f} samples a run")
+    print(f"  one sample (psutil readings + its log_batch into SQLite, flushed): median {per_sample * 1e3:.1f} ms "
+          f"wall, i.e. {per_sample * 100:.1f}% of a second")
 
 
 if __name__ == "__main__":

@@ -62,13 +62,22 @@ def main() -> int:
     p.add_argument("--keep", help="make the store in this folder and keep it (default: a temporary one)")
     args = p.parse_args()
     from harness.cli import setup_logging
-    from harness.tracking import links
 
     setup_logging()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    folder = Path(args.keep or tempfile.mkdtemp(prefix="harness-screenshots-"))
-    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="harness-screenshots-") as tmp:
+        folder = Path(args.keep or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        take(folder, out)
+        if args.keep:
+            print(f"store: {folder}")
+    return 0
+
+
+def take(folder: Path, out: Path) -> None:
+    from harness.tracking import links
+
     os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
     s = ui_pages.make_store(folder, epochs=20, trials=10, limit_train=2000, seeds=6)
     with ui_pages.mlflow_ui(s) as base, ui_pages.chromium() as driver:
@@ -91,8 +100,6 @@ def main() -> int:
         open_(links.run_path(s.ablation_experiment, s.ablation_parent, artifact="ablation/report.html"),
               "ablation/report.html")
         shoot(driver, out / "ablation-report.png", in_frame="table")
-    print(f"store: {folder}" if args.keep else "")
-    return 0
 
 
 if __name__ == "__main__":
