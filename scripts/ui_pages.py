@@ -115,39 +115,57 @@ def free_port() -> int:
 @contextlib.contextmanager
 def mlflow_ui(store: Store, timeout: float = 240) -> Iterator[str]:
     """``mlflow ui`` on the store (one worker), from the store's folder; its URL once ``/health``
-    answers. Stopped (its process group) at the end."""
+    answers."""
     port = free_port()
-    log = open(store.folder / "mlflow-ui.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store.uri,
-                             "--default-artifact-root", str(store.folder / "mlruns"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"],
-                            cwd=store.folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow ui exited ({proc.returncode}): "
-                                   f"{(store.folder / 'mlflow-ui.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow ui did not answer on {url} within {timeout:.0f} s")
-            time.sleep(0.5)
+    with _serving("mlflow-ui", [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store.uri,
+                   "--default-artifact-root", str(store.folder / "mlruns"), "--host", "127.0.0.1",
+                   "--port", str(port), "--workers", "1"],
+                  store.folder, f"http://127.0.0.1:{port}", "/health", timeout) as url:
         yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 15)
+
+
+@contextlib.contextmanager
+def optuna_dashboard(store: Store, timeout: float = 120) -> Iterator[str]:
+    """``optuna-dashboard`` on the store's Optuna journal; its URL once it answers."""
+    port = free_port()
+    script = Path(sys.executable).with_name("optuna-dashboard")
+    with _serving("optuna-dashboard", [str(script) if script.exists() else "optuna-dashboard",
+                                       "mlruns/optuna.journal", "--host", "127.0.0.1", "--port", str(port)],
+                  store.folder, f"http://127.0.0.1:{port}", "/api/studies", timeout) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _serving(name: str, cmd: list[str], cwd: Path, url: str, probe: str, timeout: float) -> Iterator[str]:
+    """Start ``cmd`` in its own process group, wait until ``url + probe`` answers 200, yield ``url``;
+    stop the group at the end."""
+    log_path = cwd / f"{name}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-        log.close()
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited ({proc.returncode}): "
+                                       f"{log_path.read_text()[-2000:]}")
+                try:
+                    with urllib.request.urlopen(url + probe, timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not answer on {url} within {timeout:.0f} s")
+                time.sleep(0.5)
+            yield url
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 15)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
 
 
 @contextlib.contextmanager

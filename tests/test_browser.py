@@ -163,3 +163,27 @@ def test_the_ablation_parent_run_shows_the_effects(ui):
     assert "no_zero_grad" in text and "Δ test/acc" in text
     hrefs = [a.get_attribute("href") for a in driver.find_elements(By.LINK_TEXT, "The full report")]
     assert hrefs and hrefs[0].split("?")[0].endswith(f"/runs/{s.ablation_parent}/artifacts/ablation/report.html")
+
+
+def test_optuna_dashboard_names_the_objective_shows_the_spec_and_links_the_runs(ui):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    s, driver = ui["store"], ui["driver"]
+
+    def shows(url: str, words: str) -> str:
+        driver.get(url)
+        return WebDriverWait(driver, 60, poll_frequency=0.5).until(
+            lambda d: (lambda t: t if words in t else None)(d.find_element(By.TAG_NAME, "body").text),
+            f"{url}: never showed {words!r}")
+
+    with ui_pages.optuna_dashboard(s) as dash:
+        text = shows(f"{dash}/dashboard/studies/0", "History")
+        assert "val/acc" in text and "Objective 0" not in text
+        note = shows(f"{dash}/dashboard/studies/0/note", "Spec (")
+        assert "name: digits-lenet" in note.splitlines()  # the spec's YAML, a line per key
+        hrefs = [a.get_attribute("href") for a in driver.find_elements(By.TAG_NAME, "a")]
+        assert any(f"/runs/{s.sweep_parent}" in (h or "") for h in hrefs)
+        shows(f"{dash}/dashboard/studies/0/trials", "MLflow run")
+        hrefs = [a.get_attribute("href") or "" for a in driver.find_elements(By.TAG_NAME, "a")]
+        assert any("#/experiments/" in h and "/runs/" in h for h in hrefs)  # each trial's run, a link

@@ -246,7 +246,8 @@ def test_system_metrics_cover_a_run_shorter_than_one_sampling_interval(fast_stor
     memory = client.get_metric_history(result.run_id, "system/system_memory_usage_megabytes")
     assert len(cpu) >= 1 and len(memory) == len(cpu)
     assert sorted(m.step for m in cpu) == list(range(1, len(cpu) + 1))  # step 0 is where models link
-    assert all(0 <= m.value <= 100 for m in cpu) and all(m.value > 0 for m in memory)
+    # a reading over the run (it trained: the CPU was busy), not psutil's meaningless first 0.0
+    assert all(0 < m.value <= 100 for m in cpu) and all(m.value > 0 for m in memory)
 
 
 def test_system_metrics_follow_mlflows_switch(fast_store):

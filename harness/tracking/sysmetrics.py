@@ -46,14 +46,20 @@ def _monitor_class():
 
         def start(self) -> None:
             self._last = time.monotonic()
+            self._log_tail = True
             self._logging_step = max(self._logging_step, 1)  # step 0 is where models link metrics
             super().start()
 
         def monitor(self) -> None:
-            psutil.cpu_percent()  # the first sample's reference reading (psutil keeps one per thread)
+            # psutil measures CPU use between two readings of the same thread: every sample is taken
+            # here, the tail too, after this first reference reading.
+            psutil.cpu_percent()
             while not self._shutdown_event.wait(self.sampling_interval):
                 if not self._sample():
                     return
+            # The tail since the last full interval, unless too short for a CPU reading to mean anything.
+            if self._log_tail and time.monotonic() - self._last >= MIN_TAIL_S:
+                self._sample()
 
         def _sample(self) -> bool:
             try:
@@ -68,14 +74,12 @@ def _monitor_class():
         def finish(self, log_tail: bool = True) -> None:
             if self._process is None:
                 return
+            self._log_tail = log_tail
             self._shutdown_event.set()
             self._process.join(timeout=JOIN_TIMEOUT_S)
-            self._process = None
-            if not log_tail:
+            alive, self._process = self._process.is_alive(), None
+            if not log_tail or alive:  # a store that does not answer: leave the thread (a daemon) be
                 return
-            # The tail, unless it is too short for a CPU reading to mean anything.
-            if time.monotonic() - self._last >= MIN_TAIL_S:
-                self._sample()
             try:
                 self.mlflow_logger.flush()
             except Exception as e:
