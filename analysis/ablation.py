@@ -36,7 +36,7 @@ import pandas as pd
 
 from analysis.effects import analyse, finite
 from analysis.plan import Ablation, load_ablation
-from analysis.report import display_table, write_report
+from analysis.report import display_table, parent_note, write_report
 from analysis.runs import collect, existing_children, report_dir, reuse
 from analysis.scoring import run_scoring
 from analysis.training import run_training
@@ -115,7 +115,8 @@ def _run_ablation(ab: Ablation, *, workers, out, resume, echo) -> AblationResult
         wall = time.perf_counter() - t0
         files = write_report(ab, table, runs, out, parent_run_id=parent, wall_seconds=wall,
                              failures=failures)
-        _log_parent_end(tracker, ab, table, files, wall)
+        _log_parent_end(tracker, ab, table, files, wall, experiment_id=exp_id,
+                        n_runs=int((runs["status"] != "missing").sum()), failures=failures)
     return AblationResult(parent, table, runs, files, wall, failures)
 
 
@@ -219,13 +220,17 @@ def _quiet_guard():
 
 # -- scoring evaluation-only arms on the control's checkpoints (analysis.scoring) ------------------
 
-def _log_parent_end(t, ab: Ablation, table: pd.DataFrame, files: dict, wall: float) -> None:
-    metrics = {"ablation/wall_seconds": wall}
+def _log_parent_end(t, ab: Ablation, table: pd.DataFrame, files: dict, wall: float, *, experiment_id: str,
+                    n_runs: int, failures: list[str]) -> None:
+    """The description (the effects, a link to the report), the effects as tags (one number per arm:
+    no chart), the report's files."""
+    tags = {"ablation.wall_seconds": f"{wall:.0f}",
+            "mlflow.note.content": parent_note(ab, table, experiment_id=experiment_id, parent_run_id=t.run_id,
+                                               n_runs=n_runs, failures=failures)}
     for _, r in table.iterrows():
         if r["control"] and finite(r.get(f"{ab.spec.metric} diff")):
-            metrics[f"effect/{r['arm']}/{ab.spec.metric.replace('/', '_')}"] = r[f"{ab.spec.metric} diff"]
-    t.log_metrics(metrics, step=0)
-    t.flush()
+            tags[f"effect.{r['arm']}.{ab.spec.metric.replace('/', '_')}"] = f"{r[f'{ab.spec.metric} diff']:.6g}"
+    t.set_tags(tags)
     for path in files.values():
         t.log_artifact(path, "ablation")
 

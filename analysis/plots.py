@@ -67,27 +67,36 @@ def plot_curves(panels: Sequence[tuple[str, Mapping[str, Sequence[Curve]]]], pat
 
 
 def plot_effects(rows: Sequence[dict], path: str | Path, *, metrics: Sequence[str], title: str = "") -> Path:
+    return _save(effects_figure(rows, metrics=metrics, title=title), path)
+
+
+def effects_figure(rows: Sequence[dict], *, metrics: Sequence[str], title: str = "") -> Figure:
     """Forest plot: per arm (rows top to bottom) the mean paired difference and its CI, one panel per
-    metric. ``rows``: ``{"arm": name, "<metric>": (mean, low, high), "style": "train"|"checkpoint"}``."""
+    metric. ``rows``: ``{"arm": name, "<metric>": (mean, low, high), "style": "train"|"checkpoint"}``.
+    Labels sit beside their point on the side of the panel's middle, so none runs off the panel."""
     fig = Figure(figsize=(5.0 * len(metrics), 0.45 * len(rows) + 1.6), layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False, sharey=True)[0]
     y = np.arange(len(rows))[::-1]
     for ax, metric in zip(axes, metrics):
+        left, right = _limits([v for row in rows for v in row.get(metric, ()) if math.isfinite(v)] + [0.0])
+        ax.set_xlim(left, right)
+        middle = (left + right) / 2
         for yi, row in zip(y, rows):
             mean, lo, hi = row.get(metric, (math.nan, math.nan, math.nan))
             if not math.isfinite(mean):
-                ax.text(0, yi, "n/a", va="center", ha="center", fontsize=8, color="grey")
+                ax.text(middle, yi, "n/a", va="center", ha="center", fontsize=8, color="grey")
                 continue
             color = "C0" if row.get("style") == "train" else "C1"
+            side, dx = ("left", 5) if mean <= middle else ("right", -5)
+            label = dict(textcoords="offset points", ha=side, fontsize=7, color=color,
+                         bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.8))
             if math.isfinite(lo) and math.isfinite(hi):
                 ax.errorbar(mean, yi, xerr=[[mean - lo], [hi - mean]], fmt="o", color=color, capsize=3)
             else:  # too few seeds for the level: the interval is the whole axis, and says so
                 ax.plot(mean, yi, "o", color=color)
                 ax.axhline(yi, color=color, lw=0.8, ls=":")
-                ax.annotate("CI unbounded (too few seeds)", (mean, yi), textcoords="offset points",
-                            xytext=(0, -10), ha="center", fontsize=7, color=color)
-            ax.annotate(f"{mean:+.3f}", (mean, yi), textcoords="offset points", xytext=(0, 6),
-                        ha="center", fontsize=7, color=color)
+                ax.annotate("CI unbounded (too few seeds)", (mean, yi), xytext=(dx, -11), **label)
+            ax.annotate(f"{mean:+.3f}", (mean, yi), xytext=(dx, 5), **label)
         ax.axvline(0, color="black", lw=0.8)
         ax.set_xlabel(f"Δ {metric} vs control (95% CI)")
         ax.grid(axis="x", alpha=0.3)
@@ -96,7 +105,14 @@ def plot_effects(rows: Sequence[dict], path: str | Path, *, metrics: Sequence[st
     if title:
         fig.suptitle(title + "   (blue: own training runs, orange: scored on the control's checkpoints)",
                      fontsize=9)
-    return _save(fig, path)
+    return fig
+
+
+def _limits(values: Sequence[float]) -> tuple[float, float]:
+    """The x range of a forest panel: every value, with room on both sides for the labels."""
+    lo, hi = min(values), max(values)
+    pad = 0.15 * (hi - lo) if hi > lo else 0.05
+    return lo - pad, hi + pad
 
 
 def _save(fig: Figure, path: str | Path) -> Path:

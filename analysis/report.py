@@ -1,5 +1,7 @@
 """The report of an ablation (``analysis.ablation``): the per-arm table (``analysis.effects``) as text,
-and the files ``report.md``, ``arms.csv``, ``runs.csv``, ``effects.png`` and ``curves.png``."""
+the files ``report.md`` (and the same as ``report.html``, images embedded, for MLflow's artifact
+viewer), ``arms.csv``, ``runs.csv``, ``effects.png`` and ``curves.png``, and the parent run's
+description."""
 from __future__ import annotations
 
 import math
@@ -11,6 +13,7 @@ import pandas as pd
 from analysis import stats
 from analysis.effects import finite
 from analysis.exact_tests import reach_note
+from analysis.html import markdown_to_html
 from analysis.runs import METRICS
 
 if TYPE_CHECKING:
@@ -22,7 +25,7 @@ if TYPE_CHECKING:
 def _verdict(row) -> str:
     if row["guard runs"] == 0:
         return "n/a"
-    kinds = row["guard kinds"]
+    kinds = row["guard kinds"].replace(",", ", ")  # a table cell may wrap between them
     text = f"flagged {row['guard flagged']}/{row['guard runs']}: {kinds}" if kinds else \
         f"clean {row['guard runs']}/{row['guard runs']}"
     return text if row["guard as expected"] else f"{text} (UNEXPECTED)"
@@ -49,6 +52,11 @@ def _mcnemar_text(row, split: str) -> str:
     return (f"b={int(row[f'mcnemar {split} b'])} c={int(row[f'mcnemar {split} c'])}; p<0.05 in "
             f"{int(row[f'mcnemar {split} significant'])}/{int(row[f'mcnemar {split} seeds'])} seeds "
             f"(median p {stats.fmt_p(row[f'mcnemar {split} median p'])})")
+
+
+# The headline table's columns about the runs rather than the effect: a second table in the report, so
+# that neither is too wide to read.
+GUARD_COLUMNS = ("val/acc", "test/acc", "McNemar", "mode guard", "cost")
 
 
 def display_table(ab: Ablation, table: pd.DataFrame) -> pd.DataFrame:
@@ -149,8 +157,8 @@ def write_report(ab: Ablation, table: pd.DataFrame, runs: pd.DataFrame, out: Pat
     from harness.tracking.store import tracking_uri
 
     out.mkdir(parents=True, exist_ok=True)
-    files = {"report": out / "report.md", "arms": out / "arms.csv", "runs": out / "runs.csv",
-             "effects": out / "effects.png", "curves": out / "curves.png"}
+    files = {"report": out / "report.md", "html": out / "report.html", "arms": out / "arms.csv",
+             "runs": out / "runs.csv", "effects": out / "effects.png", "curves": out / "curves.png"}
     table.to_csv(files["arms"], index=False)
     runs.drop(columns=["history"], errors="ignore").to_csv(files["runs"], index=False)
 
@@ -205,11 +213,15 @@ def write_report(ab: Ablation, table: pd.DataFrame, runs: pd.DataFrame, out: Pat
         "of the best of 5 interleaved evaluations (checkpoint arms); the autograd graph is the memory a "
         "missing `torch.no_grad()` holds per validation batch (on CUDA, the extra peak memory).",
         "",
-        shown.to_markdown(index=False),
+        md_table(shown[[c for c in shown if not c.startswith(GUARD_COLUMNS)]]),
+        "",
+        "### What each arm's runs show",
+        "",
+        md_table(shown[["arm", *[c for c in shown if c.startswith(GUARD_COLUMNS)]]]),
         "",
         "## All metrics (mean ± std; Δ vs control with its CI and exact p)",
         "",
-        loss_table(table).to_markdown(index=False),
+        md_table(loss_table(table)),
         "",
     ]
     if "effects" in files:
@@ -220,4 +232,42 @@ def write_report(ab: Ablation, table: pd.DataFrame, runs: pd.DataFrame, out: Pat
     if failures:
         lines += ["## Failures", "", *[f"- {f}" for f in failures], ""]
     files["report"].write_text("\n".join(lines) + "\n")
+    files["html"].write_text(markdown_to_html(files["report"].read_text(), out, f"Ablation {ab.spec.name}"))
     return files
+
+
+def md_table(df: pd.DataFrame) -> str:
+    """A Markdown table whose cells may hold ``|`` (as in ``|Δ|``): escaped, or the row splits there."""
+    def esc(v):
+        return str(v).replace("|", "\\|")
+
+    return df.rename(columns=esc).map(esc).to_markdown(index=False)
+
+
+def parent_note(ab: Ablation, table: pd.DataFrame, *, experiment_id: str, parent_run_id: str, n_runs: int,
+                failures: Sequence[str] = ()) -> str:
+    """The parent run's description (Markdown, rendered by MLflow on the run page): what was compared,
+    the effects table with each arm linked to its runs, and the full report."""
+    from harness.tracking import links
+
+    m = ab.spec.metric
+    b = ab.base
+    shown = display_table(ab, table)
+    report = links.run_path(experiment_id, parent_run_id, artifact="ablation/report.html")
+    arms = []
+    for name in shown["arm"]:
+        arm = name.split(" ")[0]
+        runs = links.runs_path(experiment_id, f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                                              f"tags.`ablation.arm` = '{arm}'")
+        arms.append(f"[{name}]({runs})")
+    shown["arm"] = arms
+    cols = ["arm", "scored", "vs", "seeds", "test/acc" if m.startswith("test") else "val/acc",
+            *[c for c in shown if c.startswith(("Δ", "p (Holm)"))], "mode guard"]
+    return "\n".join([
+        f"**Ablation `{ab.spec.name}`**: {len(ab.arms)} arms × {len(ab.seeds)} paired seeds of `{ab.spec.base}` "
+        f"({b.data.dataset}, {b.model.arch}, {b.train.epochs} epochs); {n_runs} child runs"
+        + (f", **{len(failures)} failed**" if failures else "") + f". [The full report]({report}) "
+        f"(statistics, all metrics, figures); each arm's name links to its runs.",
+        "",
+        md_table(shown[cols]),
+    ])

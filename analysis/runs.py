@@ -19,6 +19,19 @@ if TYPE_CHECKING:
 METRICS = ("val/acc", "test/acc", "val/loss", "test/loss")
 # The per-epoch curves kept for trained arms (plots and costs).
 HISTORY = ("val/acc", "train/loss", "time/train_epoch_s", "val/seconds", "val/autograd_mb")
+# A checkpoint scoring's one-off numbers (McNemar counts, costs, the control rescored) are tags.
+TAG_PREFIX = "scoring."
+
+
+def to_tag(key: str) -> str:
+    """``mcnemar/test_b`` -> ``scoring.mcnemar.test_b``."""
+    return TAG_PREFIX + key.replace("/", ".", 1)
+
+
+def from_tags(tags: dict[str, str]) -> dict[str, float]:
+    """The scoring's one-off numbers back from its tags, under their metric-style keys."""
+    return {k[len(TAG_PREFIX):].replace(".", "/", 1): float(v) for k, v in tags.items()
+            if k.startswith(TAG_PREFIX)}
 
 
 def report_dir(name: str, out: str | Path | None = None) -> Path:
@@ -74,17 +87,14 @@ def collect(exp_id: str, parent: str, ab: Ablation) -> pd.DataFrame:
                                    "control": arm.control or "", "run_id": r.info.run_id if r else "",
                                    "status": "missing"}
             if r is not None:
-                tags, m = r.data.tags, r.data.metrics
+                tags = r.data.tags
                 diverged = r.info.status == "FAILED"
                 row["status"] = "diverged" if diverged else "ok"
                 row.update(_final_metrics(r, diverged))
                 row["guard"] = ";".join(sorted(k[len("mode_guard."):] for k in tags if k.startswith("mode_guard.")))
                 row["seconds"] = ((r.info.end_time or 0) - (r.info.start_time or 0)) / 1000
                 if arm.scored == "checkpoint":
-                    for k, v in m.items():
-                        if k.startswith(("mcnemar/", "cost/", "control/")) or k.endswith(
-                                ("/seconds", "/autograd_mb", "/peak_mem_mb")):
-                            row[k] = v
+                    row.update(from_tags(tags))  # McNemar counts, costs, the control rescored
                 else:
                     hist = {k: history(client, r.info.run_id, k) for k in HISTORY}
                     row["history"] = hist

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from analysis import stats
-from analysis.runs import reuse
+from analysis.runs import reuse, to_tag
 from harness.spec import Spec
 
 if TYPE_CHECKING:
@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("analysis.ablation")
 
 
+# What a scoring logs as metrics: the keys every run of the experiment has (runs table, compare).
+CURVES = ("val/acc", "val/loss", "test/acc", "test/loss", "mode_guard/findings")
+# Spec keys that only shape training: the scored checkpoint's (its control run has them), not the scoring's.
+TRAINING_ONLY = ("optimizer.", "data.batch_size", "data.limit_train", "data.augment", "train.epochs",
+                 "train.log_every", "train.checkpoint", "train.sanity_check", "train.log_model")
 def child_tags(ab: Ablation, arm: Arm, seed: int) -> dict[str, str]:
     """The tags of every child run of an ablation, trained or scored on a checkpoint."""
     return {"ablation": ab.spec.name, "ablation.arm": arm.name, "ablation.seed": str(seed),
@@ -98,11 +103,15 @@ def score_arm(ab: Ablation, arm: Arm, seed: int, control_run_id: str, parent: st
             "checkpoint": f"runs:/{control_run_id}/checkpoints/last.pt", "spec_hash": spec.hash(),
             "mode_bug": spec.mode_bug, "git_commit": git_commit(), "torch_version": _torch_version()}
     tags.update({f"mode_guard.{k}": ",".join(v) for k, v in a["guard"].items()})
+    # The numbers a user compares across runs stay metrics (at the checkpoint's epoch, as a trained run's
+    # final ones); the one-off numbers of the scoring are tags, not 14 one-point charts.
+    tags.update({to_tag(k): repr(float(v)) for k, v in metrics.items() if k not in CURVES})
     t = MlflowTracker()
     with t.start(experiment=ab.experiment, run_name=f"{arm.name}-s{seed}", parent_run_id=parent,
                  tags=tags, system_metrics=False):
-        t.log_params(spec.params())
-        t.log_metrics(metrics, step=epoch)
+        # It trained nothing: its params are what its evaluation used, not the control's training.
+        t.log_params({k: v for k, v in spec.params().items() if not k.startswith(TRAINING_ONLY)})
+        t.log_metrics({k: v for k, v in metrics.items() if k in CURVES}, step=epoch)
         t.flush()
         t.log_dict({str(k): v for k, v in a["ledger"].items()}, "mode_guard/ledger.json")
         t.log_dict({split: {"control_correct": c[f"{split}_correct"].astype(int).tolist(),

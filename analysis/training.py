@@ -85,7 +85,7 @@ def _train_task(spec_json: dict, run_name: str, parent: str, tags: dict) -> dict
     spec = Spec.model_validate(spec_json)
     t = time.perf_counter()
     try:
-        r = run(spec, run_name=run_name, parent_run_id=parent, tags=tags, progress=False, system_metrics=False)
+        r = run(spec, run_name=run_name, parent_run_id=parent, tags=tags, progress=False, system_metrics=None)
         return {"status": "ok", "run_id": r.run_id, "metrics": r.metrics, "seconds": r.seconds}
     except Diverged as e:
         return {"status": "diverged", "error": str(e), "seconds": time.perf_counter() - t}

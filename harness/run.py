@@ -43,6 +43,12 @@ def git_commit() -> str:
         return "unknown"
 
 
+def default_run_name(spec: Spec) -> str:
+    """``digits-lenet/lenet-s0``, ``digits-lenet/lenet-no_eval-s3``: what the run is, at a glance."""
+    bug = f"-{spec.mode_bug}" if spec.mode_bug != "none" else ""
+    return f"{spec.name}/{spec.model.arch}{bug}-s{spec.seed}"
+
+
 def build_optimizer(spec: Spec, model: torch.nn.Module) -> torch.optim.Optimizer:
     o = spec.optimizer
     params = [p for p in model.parameters() if p.requires_grad]
@@ -129,7 +135,8 @@ def run(
         base_tags = {"git_commit": git_commit(), "spec_hash": spec.hash(), "torch_version": torch.__version__,
                      "device": str(parts.device), "host": platform.node(), "mode_bug": spec.mode_bug,
                      **(tags or {})}
-        with tracker.start(experiment=spec.name, run_name=run_name, parent_run_id=parent_run_id,
+        with tracker.start(experiment=spec.name, run_name=run_name or default_run_name(spec),
+                           parent_run_id=parent_run_id,
                            tags=base_tags, resume=bool(resume_run_id), system_metrics=system_metrics):
             if not resume_run_id:
                 held.enter_context(_only_trainer(tracker.run_id))
@@ -182,7 +189,7 @@ def _tracked(spec: Spec, parts: Parts, tracker: Tracker, guard: ModeGuard | None
     failpoints.reach("during_model_log")
     if spec.train.log_model and not point.has_model:
         model = parts.model.to("cpu").eval()
-        tracker.log_model(model, parts.data.example_input(2).cpu().numpy())
+        tracker.log_model(model, parts.data.example_input(2).cpu().numpy(), params=spec.params())
     failpoints.reach("before_run_end")
     result.seconds = time.perf_counter() - t0
     return result
@@ -247,9 +254,12 @@ def _log_start(tracker: Tracker, spec: Spec, parts: Parts) -> None:
                         "data.num_classes": d.num_classes, "train.threads_used": parts.threads,
                         "train.omp_wait_policy": wait_policy()})
     tracker.log_text(spec.to_yaml(), "spec.yaml")
-    x, y = next(iter(d.val))
-    tracker.log_dataset(x[:64].cpu().numpy(), y[:64].cpu().numpy(), name=f"{d.name}-val-sample",
-                        source=d.source, context="validation")
+    for split, context in (("val", "validation"), ("test", "test")):
+        batches = getattr(d, split)
+        whole = getattr(batches, "split", None)  # in memory: the whole split; else its first batch
+        x, y = (whole.x, whole.y) if whole is not None else next(iter(batches))
+        tracker.log_dataset(x.cpu().numpy(), y.cpu().numpy(), name=f"{d.name}-{split}" + ("" if whole else "-sample"),
+                            source=d.source, context=context)
     if spec.train.sanity_check:
         problems = sanity_check(parts.model, next(iter(d.train)), parts.optimizer)
         for p in problems:

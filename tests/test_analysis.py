@@ -174,9 +174,13 @@ def test_tiny_ablation_runs_are_children_of_one_parent(tiny):
         assert r.data.tags["ablation.scored_on"] == c.info.run_id
         assert r.data.tags["ablation.scored"] == "checkpoint"
         assert r.data.params["mode_bug"] == "no_eval" and r.data.params["seed"] == r.data.tags["ablation.seed"]
+        # it trained nothing: no training params, and only what every run has as metrics (no one-point
+        # charts of McNemar counts and costs: those are tags)
+        assert not [k for k in r.data.params if k.startswith(("optimizer.", "train.epochs"))]
+        assert set(r.data.metrics) == {"val/acc", "val/loss", "test/acc", "test/loss", "mode_guard/findings"}
         # the control's evaluation, redone on its checkpoint, reproduces the control run's numbers
-        assert r.data.metrics["control/test_acc_rescored"] == c.data.metrics["test/acc"]
-        assert r.data.metrics["control/val_acc_rescored"] == c.data.metrics["val/acc"]
+        assert float(r.data.tags["scoring.control.test_acc_rescored"]) == c.data.metrics["test/acc"]
+        assert float(r.data.tags["scoring.control.val_acc_rescored"]) == c.data.metrics["val/acc"]
     assert all(r.data.tags["ablation.scored"] == "train" for r in by_arm["no_zero_grad"])
 
 
@@ -217,7 +221,7 @@ def test_mcnemar_counts_match_the_logged_predictions(tiny):
         ctrl, arm = preds["control_correct"], preds["arm_correct"]
         rb = sum(1 for x, y in zip(ctrl, arm) if x and not y)
         rc = sum(1 for x, y in zip(ctrl, arm) if y and not x)
-        assert (rb, rc) == (r.data.metrics["mcnemar/test_b"], r.data.metrics["mcnemar/test_c"])
+        assert (rb, rc) == (float(r.data.tags["scoring.mcnemar.test_b"]), float(r.data.tags["scoring.mcnemar.test_c"]))
         b, c = b + rb, c + rc
     t = row(tiny["result"].table, "no_eval")
     assert (t["mcnemar test b"], t["mcnemar test c"]) == (b, c)
@@ -228,7 +232,8 @@ def test_tiny_ablation_report_files_and_parent_artifacts(tiny):
 
     res = tiny["result"]
     out = tiny["tmp"] / "reports" / "tiny-modes"
-    assert {p.name for p in out.iterdir()} >= {"report.md", "arms.csv", "runs.csv", "effects.png", "curves.png"}
+    assert {p.name for p in out.iterdir()} >= {"report.md", "report.html", "arms.csv", "runs.csv", "effects.png",
+                                               "curves.png"}
     report = (out / "report.md").read_text()
     for arm in ("none", "no_eval", "mc_dropout", "no_grad_missing", "no_zero_grad"):
         assert f"| {arm}" in report
@@ -242,7 +247,20 @@ def test_tiny_ablation_report_files_and_parent_artifacts(tiny):
     assert {"ablation/report.md", "ablation/arms.csv", "ablation/effects.png", "ablation/curves.png",
             "ablation/ablation_spec.yaml"} <= logged
     parent = MlflowClient(tiny["uri"]).get_run(res.parent_run_id)
-    assert parent.data.metrics["effect/no_zero_grad/test_acc"] < -0.3
+    assert float(parent.data.tags["effect.no_zero_grad.test_acc"]) < -0.3
+    assert not [k for k in parent.data.metrics if not k.startswith("system/")]  # no one-point charts
+    # the description: the effects, each arm linked to its runs, and the HTML report
+    note = parent.data.tags["mlflow.note.content"]
+    exp = parent.info.experiment_id
+    assert f"(#/experiments/{exp}/runs/{res.parent_run_id}/artifacts/ablation/report.html" in note
+    assert "[no_zero_grad](#/experiments/" in note and "ablation.arm" in note and "10 child runs" in note
+    # the HTML report: the Markdown rendered, both figures inside it, nothing left as Markdown syntax
+    html = (out / "report.html").read_text()
+    assert html.count('<img src="data:image/png;base64,') == 2 and "![" not in html
+    # every table is one (a "|" inside a cell, as in |Δ|, used to split the headline one into text)
+    assert html.count("<table>") == 3 and re.search(r"<th[^>]*>detectable \|Δ\| ≥</th>", html)
+    assert "flagged 2/2: missing_zero_grad" in html
+    assert "ablation/report.html" in logged
     assert any("no_zero_grad seed 1" in line for line in tiny["lines"])
 
 
@@ -365,3 +383,38 @@ def test_resume_goes_on_with_the_plan_its_parent_recorded(fast_store, tmp_path):
     bad = run_cli("analysis.ablation", spec, "train.epochs=3", "--resume", parent, cwd=tmp_path)
     assert bad.returncode == 2 and "--resume goes on with the plan" in bad.stderr
     assert client.get_run(parent).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("rows", [
+    # the README's ablation: effects from -0.84 to +0.02, tight intervals
+    [{"arm": "no_zero_grad (vs none)", "style": "train", "val/acc": (-0.84, -0.88, -0.80),
+      "test/acc": (-0.84, -0.88, -0.80)},
+     {"arm": "no_eval (vs none)", "style": "checkpoint", "val/acc": (-0.03, -0.042, -0.019),
+      "test/acc": (-0.03, -0.042, -0.019)},
+     {"arm": "partial_freeze (vs frozen_features)", "style": "train", "val/acc": (0.019, 0.007, 0.033),
+      "test/acc": (0.019, 0.007, 0.033)}],
+    # two seeds: unbounded intervals, one effect at each edge of the panel, one arm with no value
+    [{"arm": "no_eval (vs none)", "style": "checkpoint", "val/acc": (-0.023, -math.inf, math.inf),
+      "test/acc": (-0.015, -math.inf, math.inf)},
+     {"arm": "no_zero_grad (vs none)", "style": "train", "val/acc": (-0.785, -math.inf, math.inf),
+      "test/acc": (-0.776, -math.inf, math.inf)},
+     {"arm": "crashed (vs none)", "style": "train"}],
+])
+def test_effect_labels_stay_inside_their_panel(rows):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from analysis.plots import effects_figure
+
+    fig = effects_figure(rows, metrics=["val/acc", "test/acc"], title="ablation x: 2 paired seeds")
+    canvas = FigureCanvasAgg(fig)
+    fig.set_dpi(110)
+    canvas.draw()  # lays the figure out, as saving it does
+    renderer = canvas.get_renderer()
+    labels = 0
+    for ax in fig.axes:
+        box = ax.get_window_extent(renderer)
+        for text in ax.texts:  # the value labels, "CI unbounded", "n/a"
+            t = text.get_window_extent(renderer)
+            assert box.x0 <= t.x0 and t.x1 <= box.x1 and box.y0 <= t.y0 and t.y1 <= box.y1, text.get_text()
+            labels += 1
+    assert labels >= 2 * len([r for r in rows if "val/acc" in r])

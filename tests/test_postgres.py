@@ -332,7 +332,8 @@ def _check_study_and_runs(servers, name: str, n: int):
             assert run is not None, f"trial {t.number} has no MLflow run"
         if run is None:
             continue
-        assert run.info.run_name == f"trial-{t.number}"
+        assert run.info.run_name in (f"trial-{t.number}", f"trial-{t.number} (pruned)")
+        assert run.info.run_name.endswith("(pruned)") == (t.state.name == "PRUNED"), run.info.run_name
         assert run.data.tags["optuna.state"] == t.state.name, (t.number, run.data.tags)
         assert run.info.status in ALLOWED[t.state.name], (t.number, t.state.name, run.info.status)
         if t.user_attrs.get("mlflow_run_id"):

@@ -105,8 +105,17 @@ def test_reproducibility_tags(digits_run):
     assert tags["torch_version"] == torch.__version__
     assert tags["device"] == "cpu"
     assert tags["sanity_check"] == "ok"
-    inputs = digits_run["run"].inputs.dataset_inputs
-    assert inputs and inputs[0].dataset.name == "digits-val-sample"
+    inputs = {d.dataset.name: d for d in digits_run["run"].inputs.dataset_inputs}
+    assert set(inputs) == {"digits-val", "digits-test"}  # the splits val/* and test/* were measured on
+    profile = json.loads(inputs["digits-val"].dataset.profile)
+    assert profile["targets_shape"] == [int(digits_run["run"].data.params["data.size.val"])]
+    # the source is the file scikit-learn read the digits from, not the code that ran
+    source = json.loads(inputs["digits-test"].dataset.source)["uri"]
+    assert source.startswith("file://") and source.endswith("sklearn/datasets/data/digits.csv.gz")
+
+
+def test_run_is_named_from_its_spec(digits_run):
+    assert digits_run["run"].info.run_name == "digits-lenet/lenet-s0"
 
 
 def test_resolved_spec_artifact(digits_run, tmp_path):
@@ -152,8 +161,17 @@ def test_logged_model_loads_and_predicts(digits_run, tmp_path):
     try:
         models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
                                              filter_string=f"source_run_id = '{run.info.run_id}'")
-        assert len(models) == 1 and models[0].name == "model"
+        assert len(models) == 1 and models[0].name == "digits-lenet-lenet-s0"  # after its run
         assert run.outputs.model_outputs[0].model_id == models[0].model_id
+        # the final metrics are the model's too, each with the split it was measured on, so the
+        # Models page ranks models; the run's own curves gain no point by it
+        linked = {m.key: m for m in models[0].metrics}
+        assert set(linked) == {"val/acc", "val/loss", "test/acc", "test/loss"}
+        for key, m in linked.items():
+            assert m.value == run.data.metrics[key] and m.step == 20
+            assert m.dataset_name == f"digits-{key.split('/')[0]}"
+        assert len(digits_run["client"].get_metric_history(run.info.run_id, "test/acc")) == 1
+        assert models[0].params["optimizer.lr"] == "0.05"
         model = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
     finally:
         mlflow.set_tracking_uri(previous)
@@ -213,6 +231,31 @@ def test_stopped_ends_finished_with_its_curves(fast_store):
     (r,) = all_runs(fast_store)
     assert r.info.status == "FINISHED" and r.data.tags["stopped_early"] == "pruned at epoch 1"
     assert len(r.data.metrics) > 0 and "test/acc" not in r.data.metrics
+
+
+def test_system_metrics_cover_a_run_shorter_than_one_sampling_interval(fast_store, monkeypatch):
+    from mlflow import MlflowClient
+
+    from harness.run import run
+
+    # MLflow's own monitor, at 10 s, logs nothing for a run this short; at 5 s the tail still counts.
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "5")
+    result = run(_tiny("train.epochs=1"), progress=False, system_metrics=True)
+    client = MlflowClient(fast_store)
+    cpu = client.get_metric_history(result.run_id, "system/cpu_utilization_percentage")
+    memory = client.get_metric_history(result.run_id, "system/system_memory_usage_megabytes")
+    assert len(cpu) >= 1 and len(memory) == len(cpu)
+    assert sorted(m.step for m in cpu) == list(range(1, len(cpu) + 1))  # step 0 is where models link
+    # a reading over the run (it trained: the CPU was busy), not psutil's meaningless first 0.0
+    assert all(0 < m.value <= 100 for m in cpu) and all(m.value > 0 for m in memory)
+
+
+def test_system_metrics_follow_mlflows_switch(fast_store):
+    from harness.run import run
+
+    result = run(_tiny("train.epochs=1"), progress=False, system_metrics=None)  # conftest: false
+    (r,) = all_runs(fast_store)
+    assert r.info.run_id == result.run_id and not [k for k in r.data.metrics if k.startswith("system/")]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

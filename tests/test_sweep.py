@@ -74,7 +74,7 @@ def test_four_trials_make_one_parent_and_four_children_with_matching_params(fast
     by_id = {r.info.run_id: r for r in children}
     for t in study.trials:
         run = by_id[t.user_attrs["mlflow_run_id"]]
-        assert run.info.run_name == f"trial-{t.number}"
+        assert run.info.run_name == f"trial-{t.number}" + (" (pruned)" if t.state == TrialState.PRUNED else "")
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.tags["optuna.study"] == study.study_name
         assert run.data.tags["optuna.trial_number"] == str(t.number)
@@ -93,12 +93,37 @@ def test_four_trials_make_one_parent_and_four_children_with_matching_params(fast
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert "plots/optimization_history.png" in plots
     best = study.best_trial
+    best_run = best.user_attrs["mlflow_run_id"]
     assert parent.data.tags["best.trial_number"] == str(best.number)
-    assert parent.data.metrics["best/val/acc"] == pytest.approx(best.value)
+    # the progress as curves, step = trial number: each complete trial's value and the best so far
+    curve = {m.step: m.value for m in client.get_metric_history(parent.info.run_id, "best/val/acc")}
+    values = {t.number: t.value for t in study.trials if t.state == TrialState.COMPLETE}
+    assert {m.step: m.value for m in client.get_metric_history(parent.info.run_id, "trials/val/acc")} == values
+    assert sorted(curve) == list(range(min(values), 4))
+    assert curve == {n: max(v for k, v in values.items() if k <= n) for n in curve}
+    assert curve[3] == pytest.approx(best.value)
+    assert not [k for k in parent.data.metrics if k.startswith(("trials/complete", "epochs/"))]
+    tags = parent.data.tags
+    assert int(tags["sweep.trials_complete"]) + int(tags["sweep.trials_pruned"]) == 4
+    assert tags["sweep.trials_failed"] == "0"
+    # the description: the best trial first, linked to its run, and the command to paste
+    note = tags["mlflow.note.content"]
+    assert note.startswith(f"**Best: [trial-{best.number}](#/experiments/{parent.info.experiment_id}/runs/{best_run}")
+    assert "python -m harness.train" in note and f"optimizer.lr={best.params['optimizer.lr']:.6g}" in note
+    # the best trial's run, and only it, is tagged so it can be filtered
+    marked = client.search_runs([parent.info.experiment_id], filter_string="tags.`sweep.best` = 'true'")
+    assert [r.info.run_id for r in marked] == [best_run]
+    # Optuna's dashboard: the objective's name, the spec and each trial's run as a link
+    from optuna_dashboard import get_note
+
+    assert study.metric_names == ["val/acc"]
+    assert "```yaml" in get_note(study) and "name: digits-lenet" in get_note(study)
+    assert f"/runs/{best_run}" in get_note(optuna.Trial(study, best._trial_id))
     out = capsys.readouterr().out
     assert out.count("trial ") >= 4 and "best trials" in out
     assert "python -m harness.train" in out and "optimizer.lr=" in out
     assert "mlflow ui --backend-store-uri" in out and f"optuna-dashboard {JOURNAL}" in out
+    assert f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}" in out
 
 
 def test_resume_adds_only_the_missing_trials(fast_store):
@@ -113,6 +138,11 @@ def test_resume_adds_only_the_missing_trials(fast_store):
     parents, children = children_and_parent(fast_store)
     assert len(parents) == 1 and len(children) == 5
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    # three commands, one progress curve: each trial's step logged once
+    from mlflow import MlflowClient
+
+    steps = [m.step for m in MlflowClient(fast_store).get_metric_history(parents[0].info.run_id, "best/val/acc")]
+    assert sorted(steps) == [0, 1, 2, 3, 4]
 
 
 def test_same_seed_proposes_the_same_trials(fast_store, tmp_path):
@@ -304,13 +334,20 @@ def test_pruned_trial_keeps_its_curve_and_state_tag(fast_store, monkeypatch):
         assert sorted(t.intermediate_values) == [1, 2]
         run = client.get_run(t.user_attrs["mlflow_run_id"])
         assert run.info.status == "FINISHED"
+        assert run.info.run_name == f"trial-{t.number} (pruned)"  # where a user looks first
         assert run.data.tags["optuna.state"] == "PRUNED"
         assert "pruned" in run.data.tags["stopped_early"]
+        assert "failure_reason" not in run.data.tags  # pruned is not failed
+        assert run.data.tags["mlflow.note.content"].startswith("**Pruned** by the median pruner at epoch 2")
+        assert not t.user_attrs["failure_reason"] and "pruned" in t.user_attrs["stopped_early"]
+        assert not [k for k in run.data.metrics if k.startswith("test/")]  # never tested, nothing made up
         curve = client.get_metric_history(run.info.run_id, "val/acc")
         assert [m.step for m in curve] == [1, 2]
         assert [m.value for m in curve] == [t.intermediate_values[1], t.intermediate_values[2]]
     parent = children_and_parent(fast_store)[0][0]
-    assert parent.data.metrics["trials/pruned"] == 2
+    assert parent.data.tags["sweep.trials_pruned"] == "2"
+    assert "no trial has completed yet" in parent.data.tags["mlflow.note.content"].lower()
+    assert "best/val/acc" not in parent.data.metrics
 
 
 def test_median_and_hyperband_pruners_run(fast_store):
@@ -337,7 +374,7 @@ def test_diverging_trial_is_recorded_and_the_sweep_goes_on(fast_store, tmp_path,
     from mlflow import MlflowClient
 
     run = MlflowClient(fast_store).get_run(bad.user_attrs["mlflow_run_id"])
-    assert run.info.status == "FAILED"
+    assert run.info.status == "FAILED" and run.info.run_name == f"trial-{bad.number} (diverged)"
     assert run.data.tags["optuna.state"] == "PRUNED"
     assert run.data.tags["failure_reason"].startswith("diverged")
     assert "diverged" in capsys.readouterr().out

@@ -9,6 +9,7 @@ file cannot run code.
 from __future__ import annotations
 
 import pickle
+import sys
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,8 @@ class Source:
     train: Any
     test: Any
     num_classes: int
-    source: str  # where the examples came from, for the MLflow dataset input
+    source: str  # where the examples came from, for the MLflow dataset input: the files' absolute path,
+    # or the factory call that made them
 
 
 def builtin(spec) -> Source:
@@ -47,7 +49,9 @@ def _digits() -> Source:
     order = np.random.default_rng(TEST_SPLIT_SEED).permutation(len(y))
     k = int(round(len(y) * 0.2))
     test, rest = torch.from_numpy(np.sort(order[:k])), torch.from_numpy(np.sort(order[k:]))
-    return Source((x[rest], y[rest]), (x[test], y[test]), 10, "sklearn.datasets.load_digits")
+    # The file scikit-learn read them from (a copy of the UCI handwritten digits' test set).
+    src = Path(sys.modules[load_digits.__module__].__file__).parent / "data" / "digits.csv.gz"
+    return Source((x[rest], y[rest]), (x[test], y[test]), 10, str(src))
 
 
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +91,7 @@ def _mnist(spec) -> Source:
         _agree(x, y, raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte", 10)
         return torch.from_numpy(x[:, None].copy()), torch.from_numpy(y.astype(np.int64))
 
-    return Source(split("train"), split("t10k"), 10, f"torchvision.datasets.{cls}({spec.root})")
+    return Source(split("train"), split("t10k"), 10, str(raw.resolve()))
 
 
 def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
@@ -143,8 +147,7 @@ def _cifar(spec) -> Source:
             ys.append(y)
         return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
-    return Source(split(train_files), split(test_files), k,
-                  f"torchvision.datasets.{'CIFAR10' if k == 10 else 'CIFAR100'}({spec.root})")
+    return Source(split(train_files), split(test_files), k, str(base.resolve()))
 
 
 class _ArraysOnly(pickle.Unpickler):

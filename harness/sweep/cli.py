@@ -112,6 +112,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from harness.sweep import parent, worker
     from harness.sweep import report as sweep_report
     from harness.sweep.context import open_context
+    from harness.tracking import sysmetrics
 
     t0 = time.perf_counter()
     ctx = open_context(args, on_stale=worker.on_stale)
@@ -125,11 +126,13 @@ def _sweep(args: argparse.Namespace) -> int:
     parent.set_parent_status(ctx, "RUNNING")
     status: str | None = "FAILED"
     try:
-        if args.workers == 1:
-            with sigterm_as_interrupt():
-                rc = worker.run_worker(ctx, on_trial=_printer(ctx))
-        else:
-            rc = _run_workers(args, ctx)
+        # The machine's load over the whole sweep, on the parent run (each trial has its own too).
+        with sysmetrics.sampling(ctx.parent_run_id, resume=True):
+            if args.workers == 1:
+                with sigterm_as_interrupt():
+                    rc = worker.run_worker(ctx, on_trial=_printer(ctx))
+            else:
+                rc = _run_workers(args, ctx)
         status = "FINISHED" if rc == 0 else "FAILED"
     except KeyboardInterrupt:
         status = "KILLED"

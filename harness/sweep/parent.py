@@ -124,8 +124,8 @@ def end_orphan_runs(ctx: Context) -> None:
         if t is None or t.state not in ORPHAN_STATUS:
             continue  # still running somewhere (another machine's worker): not ours to end
         reason = t.user_attrs.get("failure_reason", "")
-        end_run(r.info.run_id, ORPHAN_STATUS[t.state],
-                {"optuna.state": t.state.name, "failure_reason": reason})
+        end_run(r.info.run_id, ORPHAN_STATUS[t.state], trial_tags(t.state, reason),
+                name=trial_run_name(t.number, t.state, reason))
         log.warning("trial %d is %s but its MLflow run %s was left %s (%s): ended %s", t.number,
                     t.state.name, r.info.run_id, r.info.status, reason or "its worker could not tell MLflow",
                     ORPHAN_STATUS[t.state])
@@ -146,14 +146,39 @@ def find_trial_run(study_name: str, trial: FrozenTrial) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def end_run(run_id: str, status: str | None, tags: dict[str, Any]) -> None:
-    from mlflow import MlflowClient
+def trial_run_name(number: int, state: TrialState, reason: str = "") -> str:
+    """``trial-7``; a pruned trial's run says so in its name, the first column of MLflow's runs table
+    (its status is FINISHED like a complete one's, MLflow has no other)."""
+    if state == TrialState.PRUNED:
+        return f"trial-{number} ({'diverged' if reason.startswith('diverged') else 'pruned'})"
+    return f"trial-{number}"
 
+
+def trial_tags(state: TrialState, reason: str) -> dict[str, str]:
+    """``optuna.state``; when the trial failed or diverged, ``failure_reason`` (a pruned trial did not
+    fail: its run has ``stopped_early`` instead); and for any trial that did not complete, a description
+    (shown at the top of its run page) saying what happened."""
+    diverged = reason.startswith("diverged")
+    failed = state == TrialState.FAIL or diverged
+    if diverged:
+        note = f"**Diverged** ({reason}). Optuna counts it PRUNED, so the sampler learns to avoid its region."
+    elif state == TrialState.PRUNED:
+        how = reason[len("pruned "):] if reason.startswith("pruned ") else "by the pruner"
+        note = f"**Pruned** {how}: its curves stop there, and it was never tested (no `test/*`)."
+    else:
+        note = f"**Failed**: {reason}" if state == TrialState.FAIL and reason else ""
+    return {"optuna.state": state.name, "failure_reason": reason if failed else "", "mlflow.note.content": note}
+
+
+def end_run(run_id: str, status: str | None, tags: dict[str, Any], name: str | None = None) -> None:
+    from mlflow import MlflowClient
     from mlflow.entities import RunTag
 
     client = MlflowClient()
     items = [RunTag(k, str(v)[:5000]) for k, v in tags.items() if v not in (None, "")]
     if items:  # one request: against a tracking server each costs 50 ms or more
         client.log_batch(run_id, tags=items, synchronous=True)
+    if name:
+        client.update_run(run_id, name=name)
     if status and client.get_run(run_id).info.status == "RUNNING":
         client.set_terminated(run_id, status)

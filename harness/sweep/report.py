@@ -1,10 +1,12 @@
 """The end of a sweep: one line per finished trial while it runs, then the table of the best trials,
 the best params as a ready-to-paste override line, the commands to browse it all, and the same summary
-on the parent MLflow run (best value and params, the trials table as CSV, Optuna's plots as PNG)."""
+on the parent MLflow run (its description, progress curves, the best trial tagged, the trials table as
+CSV, Optuna's plots as PNG)."""
 from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 import time
 import warnings
@@ -15,7 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness.sweep import storage as sto
 from harness.sweep import study as st
-from harness.tracking import store
+from harness.tracking import links, store
 
 log = logging.getLogger("harness.sweep")
 
@@ -79,34 +81,37 @@ def print_summary(ctx, s: dict[str, Any], out=print) -> None:
         line = " ".join([ctx.spec_path, *ctx.overrides, st.override_line(top.params)])
         out(f"  python -m harness.train {line}")
     out("browse:")
-    out(f"  {store.mlflow_ui_command()}; parent run sweep:{ctx.study_name}, id {ctx.parent_run_id}")
+    out(f"  {store.mlflow_ui_command()}; parent run sweep:{ctx.study_name}, id {ctx.parent_run_id}:")
+    out(f"  {links.absolute(links.run_path(ctx.experiment_id, ctx.parent_run_id))}")
     out(f"  {sto.optuna_dashboard_command(ctx.storage_url)}")
 
 
 def log_to_parent(ctx, s: dict[str, Any]) -> None:
-    """Best value and params, the trials table and the plots, on the parent run (rewritten by every
-    sweep command that ends, so the last one to finish leaves the complete picture)."""
+    """The sweep on its parent run (rewritten by every sweep command that ends, so the last one to
+    finish leaves the complete picture): the description (``harness.sweep.describe``), the counts and
+    the best trial as tags, the best trial's run tagged ``sweep.best``, the progress curves, the trials
+    table and Optuna's plots; and notes in Optuna's dashboard."""
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, RunTag
+    from mlflow.entities import RunTag
+
+    from harness.sweep import describe
 
     client = MlflowClient()
     rid, metric, c = ctx.parent_run_id, ctx.spec.search.metric, s["counts"]
-    step = s["finished"]
-    ts = int(time.time() * 1000)
-    metrics = [Metric("trials/complete", c.get("COMPLETE", 0), ts, step),
-               Metric("trials/pruned", c.get("PRUNED", 0), ts, step),
-               Metric("trials/failed", c.get("FAIL", 0), ts, step),
-               Metric("epochs/saved_fraction", s["saved"], ts, step)]
-    tags = [RunTag("sweep.n_trials", str(ctx.n_trials))]
+    tags = {"mlflow.note.content": describe.parent_note(ctx, s), "sweep.n_trials": ctx.n_trials,
+            "sweep.trials_complete": c.get("COMPLETE", 0), "sweep.trials_pruned": c.get("PRUNED", 0),
+            "sweep.trials_failed": c.get("FAIL", 0),
+            "sweep.epochs_trained": f"{s['epochs_run']} of {s['epochs_full']} ({s['saved']:.0%} saved by pruning)"}
+    best_run = ""
     if s["best"]:
         top = s["best"][0]
-        metrics.append(Metric(f"best/{metric}", float(top.value), ts, step))
-        tags += [RunTag("best.trial_number", str(top.number)),
-                 RunTag("best.value", f"{top.value:.6g}"),
-                 RunTag("best.params", json.dumps(top.params, sort_keys=True)),
-                 RunTag("best.overrides", st.override_line(top.params)),
-                 RunTag("best.mlflow_run_id", str(top.user_attrs.get("mlflow_run_id", "")))]
-    client.log_batch(rid, metrics=metrics, tags=tags, synchronous=True)
+        best_run = str(top.user_attrs.get("mlflow_run_id", ""))
+        tags.update({"best.trial_number": top.number, "best.value": f"{top.value:.6g}",
+                     "best.params": json.dumps(top.params, sort_keys=True),
+                     "best.overrides": st.override_line(top.params), "best.mlflow_run_id": best_run})
+    client.log_batch(rid, metrics=_progress(ctx, client), tags=[RunTag(k, str(v)) for k, v in tags.items()],
+                     synchronous=True)
+    _mark_best(ctx, client, best_run)
     with tempfile.TemporaryDirectory(prefix="harness-sweep-") as tmp:
         d = Path(tmp)
         _trials_csv(ctx, d / "trials.csv")
@@ -118,6 +123,47 @@ def log_to_parent(ctx, s: dict[str, Any]) -> None:
         (d / "plots").mkdir()
         _plots(ctx, d / "plots")
         client.log_artifacts(rid, str(d))
+    try:
+        describe.annotate_study(ctx)
+    except Exception as e:  # a nicety: the sweep's results are in both stores already
+        log.warning("optuna-dashboard notes not written: %s", e)
+
+
+def _progress(ctx, client) -> list:
+    """The sweep's progress as curves, step = trial number: ``best/<metric>`` (the best so far) and
+    ``trials/<metric>`` (each complete trial's value). Each step is logged once, when every trial up
+    to it has ended (a trial still running elsewhere could change the best so far)."""
+    from mlflow.entities import Metric
+
+    metric = ctx.spec.search.metric
+    done = {t.number: t for t in ctx.study.get_trials(deepcopy=False)}
+    settled = -1
+    while settled + 1 in done and done[settled + 1].state.is_finished():
+        settled += 1
+    logged = max((m.step for m in client.get_metric_history(ctx.parent_run_id, f"best/{metric}")), default=-1)
+    better = max if ctx.spec.search.direction == "maximize" else min
+    best, out, ts = None, [], int(time.time() * 1000)
+    for n in range(settled + 1):
+        t = done[n]
+        value = t.value if t.state == TrialState.COMPLETE and t.value is not None else None
+        if value is not None and math.isfinite(value):
+            best = value if best is None else better(best, value)
+            if n > logged:
+                out.append(Metric(f"trials/{metric}", value, ts, n))
+        if best is not None and n > logged:
+            out.append(Metric(f"best/{metric}", best, ts, n))
+    return out
+
+
+def _mark_best(ctx, client, best_run: str) -> None:
+    """Tag ``sweep.best = true`` on the best trial's run, and on no other (the best may change)."""
+    marked = client.search_runs([ctx.experiment_id], max_results=100, filter_string=(
+        f"tags.mlflow.parentRunId = '{ctx.parent_run_id}' and tags.`sweep.best` = 'true'"))
+    for r in marked:
+        if r.info.run_id != best_run:
+            client.delete_tag(r.info.run_id, "sweep.best")
+    if best_run and best_run not in {r.info.run_id for r in marked}:
+        client.set_tag(best_run, "sweep.best", "true")
 
 
 def _trials_csv(ctx, path: Path) -> None:

@@ -52,6 +52,10 @@ def open_study(name: str, storage, spec: Spec, sampler: BaseSampler,
         raise StoreError(f"--study {name}: that study was made for another spec (hash "
                          f"{attrs['spec_hash']}, this one is {spec.hash()}); pass the same spec and "
                          f"overrides to resume it, or choose a new --study name")
+    if study.metric_names != [spec.search.metric]:  # optuna-dashboard shows it, not "Objective 0"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([spec.search.metric])
     return study
 
 

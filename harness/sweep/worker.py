@@ -7,8 +7,10 @@ How a trial ends, in Optuna and in MLflow:
 what happened          Optuna state      MLflow run
 =====================  ================  ===========================================================
 trained every epoch    COMPLETE          FINISHED
-pruned                 PRUNED            FINISHED, tag ``stopped_early``, partial curves
-diverged (NaN loss)    PRUNED            FAILED, tag ``failure_reason`` (the sampler learns from it)
+pruned                 PRUNED            FINISHED, named ``trial-<n> (pruned)``, tag ``stopped_early``,
+                                         partial curves, no test/*
+diverged (NaN loss)    PRUNED            FAILED, named ``trial-<n> (diverged)``, tag ``failure_reason``
+                                         (the sampler learns from it)
 crashed (exception)    FAIL              FAILED
 Ctrl-C / SIGTERM       FAIL              KILLED
 worker SIGKILLed       FAIL (next start  KILLED (by the next start or the RDB heartbeat)
@@ -17,7 +19,8 @@ tracking server gone   FAIL, queued      FAILED (by the next start: the sweep st
 =====================  ================  ===========================================================
 
 Every child run has the tag ``optuna.state`` with the final Optuna state, and the trial the user
-attributes ``mlflow_run_id``, ``epochs``, ``seconds`` and ``failure_reason``.
+attributes ``mlflow_run_id``, ``epochs``, ``seconds``, ``failure_reason`` (failed or diverged) and
+``stopped_early`` (pruned).
 """
 from __future__ import annotations
 
@@ -146,9 +149,9 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
         # metric): trials keep their checkpoints, and the best params' harness.train line logs one.
         spec = ctx.spec.with_overrides({**trial.params, **({} if ctx.log_models else {"train.log_model": False})})
         tracker = MlflowTracker()
-        result = run(spec, tracker=tracker, run_name=f"trial-{n}", parent_run_id=ctx.parent_run_id,
-                     tags=tags, on_epoch=on_epoch, progress=False, data=_data(ctx, spec),
-                     system_metrics=False)
+        result = run(spec, tracker=tracker, run_name=parent.trial_run_name(n, TrialState.RUNNING),
+                     parent_run_id=ctx.parent_run_id, tags=tags, on_epoch=on_epoch, progress=False,
+                     data=_data(ctx, spec), system_metrics=None)
         value = float(result.metrics[metric])
         if math.isfinite(value):
             state = TrialState.COMPLETE
@@ -187,8 +190,10 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
     mlflow_gone = isinstance(interrupted, TrackingServerGone)
     run_id = tracker.run_id if tracker is not None else None
     try:
-        for key, v in {"mlflow_run_id": run_id or "", "epochs": seen["epochs"],
-                       "seconds": round(seconds, 2), "failure_reason": reason}.items():
+        pruned = state == TrialState.PRUNED and not reason.startswith("diverged")
+        for key, v in {"mlflow_run_id": run_id or "", "epochs": seen["epochs"], "seconds": round(seconds, 2),
+                       "failure_reason": "" if pruned else reason, "stopped_early": reason if pruned else ""
+                       }.items():
             trial.set_user_attr(key, v)
         failpoints.reach("before_trial_told")
         ctx.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
@@ -199,8 +204,8 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
                     n, state.name, str(e).splitlines()[0])
         state = ctx.study._storage.get_trial(trial._trial_id).state
     if run_id and not mlflow_gone:
-        parent.end_run(run_id, "KILLED" if reason == "interrupted" else None,
-                       {"optuna.state": state.name, "failure_reason": reason})
+        parent.end_run(run_id, "KILLED" if reason == "interrupted" else None, parent.trial_tags(state, reason),
+                       name=parent.trial_run_name(n, state, reason))
     if state == TrialState.FAIL and (retry_params or reason == "interrupted"):
         # Interrupted (Ctrl-C, SIGTERM) or the store was busy: nothing was learned about the params.
         st.retry(ctx.study, ctx.study._storage.get_trial(trial._trial_id))

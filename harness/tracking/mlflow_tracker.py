@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 import warnings
 from pathlib import Path
@@ -20,7 +19,7 @@ from harness import failpoints
 from harness.cli import sigterm_as_interrupt, temp_env
 from harness.core.loop import Diverged, Stopped
 from harness.errors import UserError
-from harness.tracking import store
+from harness.tracking import store, sysmetrics
 from harness.tracking.tracker import RunSnapshot, final_status, param_str
 
 log = logging.getLogger("harness.tracking")
@@ -61,16 +60,16 @@ class MlflowTracker:
         ``system_metrics`` None: on unless ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false``."""
         import mlflow
 
-        if system_metrics is None:
-            system_metrics = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").lower() != "false"
         with _server_gone_is_clear(self), sigterm_as_interrupt():
+            # System metrics are sampled here (harness.tracking.sysmetrics), not by MLflow's start_run:
+            # its monitor drops the samples of the last interval, so short runs had none.
             active = mlflow.start_run(
                 run_id=self.run_id if resume else None,
                 experiment_id=None if resume else store.experiment_id(experiment),
                 run_name=None if resume else run_name, parent_run_id=parent_run_id,
                 nested=parent_run_id is not None,
                 tags=None if resume else {k: str(v) for k, v in (tags or {}).items()},
-                log_system_metrics=system_metrics)
+                log_system_metrics=False)
             self.run_id = active.info.run_id
             if resume:
                 self._discard_unfinished_models()
@@ -78,7 +77,8 @@ class MlflowTracker:
                 failpoints.reach("after_run_created")
             error: BaseException | None = None
             try:
-                yield self
+                with sysmetrics.sampling(self.run_id, on=system_metrics, resume=resume):
+                    yield self
             except BaseException as e:
                 error = e
                 raise
@@ -147,28 +147,61 @@ class MlflowTracker:
         return not store.tracking_server_down()
 
     def log_dataset(self, x, y, *, name: str, source: str, context: str) -> None:
-        """A sample of the data as the run's MLflow dataset input (a nicety: never fails the run)."""
+        """A split as the run's MLflow dataset input (a nicety: never fails the run). ``source``: an
+        absolute path (the files the data was read from) or the code that made it (a factory call)."""
         import mlflow
+        from mlflow.data.code_dataset_source import CodeDatasetSource
 
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "the source can be interpreted in multiple ways"
-                ds = mlflow.data.from_numpy(x, targets=y, name=name, source=source)
+                src = Path(source).as_uri() if Path(source).is_absolute() else \
+                    CodeDatasetSource({"mlflow.source.name": source, "mlflow.source.type": "LOCAL"})
+                ds = mlflow.data.from_numpy(x, targets=y, name=name, source=src)
             mlflow.log_input(ds, context=context)
         except Exception as e:
             log.debug("dataset input not logged: %s", e)
 
-    def log_model(self, model, input_example) -> None:
-        """The final model as a LoggedModel (pickle format: MLflow 3's default pt2 export needs more)."""
+    def log_model(self, model, input_example, params: dict[str, Any] | None = None) -> None:
+        """The final model as a LoggedModel named after its run (pickle format: MLflow 3's default pt2
+        export needs more), with the run's params, and its final val/* and test/* metrics linked to it
+        (each with the dataset it was measured on), so the experiment's Models page can rank models."""
         import mlflow
         import torch
 
+        name = model_name(mlflow.active_run().info.run_name or "model")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # Explicit requirements: MLflow's inference of them imports the model in a subprocess (~6 s).
-            mlflow.pytorch.log_model(model, name="model", input_example=input_example,
-                                     serialization_format="pickle",
-                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+            info = mlflow.pytorch.log_model(
+                model, name=name, input_example=input_example, serialization_format="pickle",
+                params={k: param_str(v) for k, v in (params or {}).items()} or None,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        self._link_model_metrics(info.model_id)
+
+    def _link_model_metrics(self, model_id: str, keys=("val/acc", "val/loss", "test/acc", "test/loss")) -> None:
+        """The last value of each of ``keys`` logged again with the model's id and its dataset: the same
+        key, step, time and value, so the run's own history gains no point (MLflow keeps one row)."""
+        from mlflow.entities import Metric
+
+        run = self.client.get_run(self.run_id)
+        splits = {"validation": "val", "test": "test"}
+        data = {}
+        for d in run.inputs.dataset_inputs:
+            context = next((t.value for t in d.tags if t.key == "mlflow.data.context"), "")
+            if context in splits:
+                data[splits[context]] = (d.dataset.name, d.dataset.digest)
+        linked = []
+        for key in keys:
+            history = self.client.get_metric_history(self.run_id, key)
+            if not history:
+                continue
+            last = max(history, key=lambda m: (m.step, m.timestamp))
+            ds_name, ds_digest = data.get(key.split("/")[0], (None, None))
+            linked.append(Metric(key, last.value, last.timestamp, last.step, model_id=model_id,
+                                 dataset_name=ds_name, dataset_digest=ds_digest))
+        if linked:
+            self.client.log_batch(self.run_id, metrics=linked, synchronous=True)
 
     def download_artifact(self, artifact_path: str, dst_dir: str | Path) -> Path:
         """One artifact of this run into ``dst_dir`` (no progress bar: a refusal stays one line)."""
@@ -217,6 +250,12 @@ def _server_gone_is_clear(tracker: MlflowTracker) -> Iterator[None]:
             f"during run {tracker.run_id} (what it logged before is kept there)",
             then=f"continue it with --resume {tracker.run_id} (a sweep: run the same command "
                  f"again)") from e
+
+
+def model_name(run_name: str) -> str:
+    """A LoggedModel's name from its run's (MLflow refuses / : . % and quotes in model names)."""
+    clean = "".join("-" if ch in '/:.%"\'' else ch for ch in run_name).strip("-")
+    return clean or "model"
 
 
 def _ready(model) -> bool:
