@@ -76,9 +76,6 @@ def _run_ablation(ab: Ablation, *, workers, out, resume, echo) -> AblationResult
 
     t0 = time.perf_counter()
     workers = workers or ab.spec.workers
-    if workers > 1 and ab.base.train.threads is None:
-        echo(f"{workers} workers: each trains with {device.threads_for(workers)} thread(s) (param "
-             f"train.threads_used of each run: harness.train with train.threads=N reproduces it)")
     _preflight(ab)
     store.setup_mlflow()
     exp_id = store.experiment_id(ab.experiment)
@@ -271,6 +268,13 @@ def main(argv: list[str] | None = None) -> int:
             ab = resume_plan(args.resume, args.spec)
         else:
             ab = load_ablation(args.spec, args.overrides, seeds=args.seeds, only=only)
+            if ab.base.train.threads is None:  # one count for every run, recorded in the plan (resume)
+                workers = args.workers or ab.spec.workers
+                n = device.threads_for(workers) if workers > 1 else device.default_threads()
+                ab = load_ablation(args.spec, [*args.overrides, f"train.threads={n}"], seeds=args.seeds,
+                                   only=only)
+                print(f"every run trains with train.threads={n} (the thread policy's choice, made once: "
+                      f"pairs differ only by their arm)")
         if args.dry_run:
             for a in ab.arms.values():
                 what = "control" if a.is_control else f"vs {a.control}"

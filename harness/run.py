@@ -17,7 +17,7 @@ import torch
 
 from harness import failpoints
 from harness.core.data import Data, load_data
-from harness.core.device import apply_threads, resolve_device, wait_policy
+from harness.core.device import apply_threads, busy_at_start, resolve_device, wait_policy
 from harness.core.loop import Diverged, Precision, Stopped, evaluate, sanity_check
 from harness.core.models import build_model, check_submodules, has_batchnorm
 from harness.core.modes import Correct, get_policy
@@ -252,7 +252,8 @@ def _log_start(tracker: Tracker, spec: Spec, parts: Parts) -> None:
     # One request for every param: against a tracking server each request costs 50 ms or more.
     tracker.log_params({**spec.params(), **{f"data.size.{k}": v for k, v in d.sizes.items()},
                         "data.num_classes": d.num_classes, "train.threads_used": parts.threads,
-                        "train.omp_wait_policy": wait_policy()})
+                        "train.omp_wait_policy": wait_policy(),
+                        "train.cores_busy_at_start": busy_at_start()})
     tracker.log_text(spec.to_yaml(), "spec.yaml")
     for split, context in (("val", "validation"), ("test", "test")):
         batches = getattr(d, split)

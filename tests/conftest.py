@@ -10,8 +10,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The harness's thread policy in this process too (OpenMP's waiting threads sleep: a test run beside
-# other CPU-bound jobs does not spin against them); set before any test module imports torch.
+# One torch thread in every test run, in this process and the CLI runs it starts (a subprocess inherits
+# it): the thread policy's count depends on the machine's load at a run's start, and thread counts
+# change float summation order, so runs compared number for number must agree on it. (A user's
+# OMP_NUM_THREADS wins, as in the harness; tests/test_threads.py checks the policy itself.) Then the
+# policy's wait policy in this process too, before any test module imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 from harness.core.device import prepare_threads  # noqa: E402  (imports no torch)
 
 prepare_threads()

@@ -43,20 +43,19 @@ def builtin(spec) -> Source:
 
 
 def _digits() -> Source:
-    images, target = _digits_arrays()
+    images, target, src = _digits_arrays()
     x = torch.from_numpy((images / 16.0).astype(np.float32)[:, None, :, :])  # (1797, 1, 8, 8)
     y = torch.from_numpy(target.astype(np.int64))
     order = np.random.default_rng(TEST_SPLIT_SEED).permutation(len(y))
     k = int(round(len(y) * 0.2))
     test, rest = torch.from_numpy(np.sort(order[:k])), torch.from_numpy(np.sort(order[k:]))
-    # The file scikit-learn read them from (a copy of the UCI handwritten digits' test set).
-    src = Path(sys.modules[load_digits.__module__].__file__).parent / "data" / "digits.csv.gz"
-    return Source((x[rest], y[rest]), (x[test], y[test]), 10, str(src))
+    return Source((x[rest], y[rest]), (x[test], y[test]), 10, src)
 
 
-def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's bundled digits file, read as ``load_digits`` reads it, without importing scikit-learn
-    (its import costs a second or more of every command's start-up)."""
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray, str]:
+    """scikit-learn's bundled digits file (a copy of the UCI handwritten digits' test set), read as
+    ``load_digits`` reads it, without importing scikit-learn (its import costs a second or more of every
+    command's start-up); with the file's path, the dataset's source."""
     import gzip
     from importlib.util import find_spec
 
@@ -66,10 +65,11 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
         from sklearn.datasets import load_digits
 
         d = load_digits()
-        return d.images, d.target
+        src = Path(sys.modules[load_digits.__module__].__file__).parent / "data" / "digits.csv.gz"
+        return d.images, d.target, str(src)
     with gzip.open(path, "rt") as f:
         data = np.loadtxt(f, delimiter=",")
-    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int), str(path)
 
 
 # -- MNIST-format idx files --------------------------------------------------------------------------

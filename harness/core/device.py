@@ -1,12 +1,21 @@
 """The device a run trains on, resolved once at the entry point and passed down; and the CPU threads of
 torch, chosen by one policy for a single run, each worker of a sweep and each worker of an ablation.
 
-The thread policy, measured on a 2-core machine (README "Speed"): OpenMP threads that spin while they
-wait make torch collapse beside any other CPU-bound process (5-10x slower epochs), so the harness sets
-``OMP_WAIT_POLICY=PASSIVE`` (waiting threads sleep) and uses one thread per core, split between the
-workers of one machine. It is load-independent, so the same spec gives the same numbers at any load;
-the count is recorded as the param ``train.threads_used`` and a resume reuses it. What a user sets
-explicitly wins: ``train.threads``, ``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``.
+The thread policy, measured on a 2-core machine (README "Speed", ``benchmarks/shared.py``): torch's
+threads collapse beside another CPU-bound process (OpenMP threads spin while they wait for a core the
+other process holds: 3-6x slower epochs), so
+
+- OpenMP's waiting threads sleep (``OMP_WAIT_POLICY=PASSIVE``), set before torch loads;
+- a process's share of the cores is cores // workers (the workers of one sweep or ablation split them);
+- a share of several cores is cut to the cores the rest of the machine leaves free, measured once per
+  process over its own start-up (from ``prepare_threads`` to its first run: CPU time the machine's
+  other processes used, from ``/proc/stat``, for the cores this process may run on). Beside one busy
+  process on 2 cores that is 1 thread, alone 2.
+
+Thread counts change float summation order, so the count is recorded with each run (param
+``train.threads_used``, with ``train.cores_busy_at_start``) and a resume reuses it; ``train.threads=N``
+pins it for runs that must match bit for bit. What a user sets explicitly wins: ``train.threads``,
+``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``.
 
 This module imports torch only inside functions: :func:`prepare_threads` must run before torch is
 imported, since OpenMP reads its wait policy once, when torch's library loads.
@@ -14,6 +23,7 @@ imported, since OpenMP reads its wait policy once, when torch's library loads.
 from __future__ import annotations
 
 import os
+import time
 from typing import TYPE_CHECKING
 
 from harness.errors import UserError
@@ -23,6 +33,8 @@ if TYPE_CHECKING:
 
 WAIT_POLICY = "PASSIVE"
 _share = {"workers": 1}  # worker processes this machine's cores are split between (this one included)
+_probe: dict = {}  # "start": CPU counters at prepare_threads; "busy": what the probe measured, once
+PROBE_MIN_S = 0.2  # a shorter window than this is extended by a sleep: too few clock ticks to tell
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,6 +70,7 @@ def prepare_threads(workers: int = 1) -> None:
     if not _user_wait_policy():
         os.environ["OMP_WAIT_POLICY"] = WAIT_POLICY
     share_cores(workers)
+    _probe.setdefault("start", _cpu_counters())
 
 
 def share_cores(workers: int) -> None:
@@ -71,7 +84,55 @@ def default_threads() -> int:
     env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
-    return threads_for(_share["workers"])
+    share = threads_for(_share["workers"])
+    busy = cores_busy()
+    return share if busy is None else threads_left(share, busy)
+
+
+def threads_left(share: int, busy: float, n_cores: int | None = None) -> int:
+    """This process's share of threads, cut to the cores other processes leave free (at least 1)."""
+    return max(1, min(share, int((n_cores or cores()) - busy + 0.5)))
+
+
+def cores_busy() -> float | None:
+    """Cores the machine's other processes kept busy (of those this process may run on) between
+    :func:`prepare_threads` and the first call, measured once per process; None when unknown (no
+    ``/proc/stat``, or ``prepare_threads`` never ran)."""
+    if "busy" not in _probe:
+        start = _probe.get("start")
+        now = _cpu_counters()
+        if start is not None and now is not None and now[0] - start[0] < PROBE_MIN_S:
+            time.sleep(PROBE_MIN_S - (now[0] - start[0]))
+            now = _cpu_counters()
+        if start is None or now is None:
+            _probe["busy"] = None
+        else:
+            (w0, all0, own0), (w1, all1, own1) = start, now
+            _probe["busy"] = max(0.0, ((all1 - all0) - (own1 - own0)) / (w1 - w0))
+    return _probe["busy"]
+
+
+def busy_at_start() -> str:
+    """What the probe measured, as recorded with a run: ``"1.0"`` cores, or ``"not measured"`` (the
+    thread count was set explicitly or this process has a single core to share)."""
+    busy = _probe.get("busy")
+    return "not measured" if busy is None else f"{busy:.1f}"
+
+
+def _cpu_counters() -> tuple[float, float, float] | None:
+    """(monotonic wall seconds, CPU seconds used on this process's cores by everyone, by this process)."""
+    mine = {f"cpu{i}" for i in os.sched_getaffinity(0)} if hasattr(os, "sched_getaffinity") else None
+    try:
+        with open("/proc/stat") as f:
+            lines = [line.split() for line in f if line.startswith("cpu") and not line.startswith("cpu ")]
+    except OSError:
+        return None
+    ticks = 0
+    for name, user, nice, system, _idle, _iowait, irq, softirq, *_ in lines:
+        if mine is None or name in mine:
+            ticks += int(user) + int(nice) + int(system) + int(irq) + int(softirq)
+    t = os.times()
+    return time.monotonic(), ticks / os.sysconf("SC_CLK_TCK"), t.user + t.system
 
 
 def apply_threads(requested: int | None) -> int:

@@ -1,0 +1,102 @@
+"""The thread policy (harness/core/device.py): torch's threads cut to the cores other processes leave
+free, measured over a run's start-up; what a user sets explicitly wins; the choice is recorded with the
+run and a resume reuses it; an ablation makes the choice once for all its runs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, all_runs
+from harness.core import device
+
+DIGITS = str(ROOT / "experiments" / "digits_lenet.yaml")
+QUICK = ["train.epochs=1", "data.limit_train=200", "train.sanity_check=false", "train.log_model=false"]
+
+
+@pytest.mark.parametrize("share, busy, n_cores, expected", [
+    (2, 0.0, 2, 2), (2, 0.4, 2, 2),  # a little noise leaves both cores
+    (2, 0.6, 2, 1), (2, 1.0, 2, 1), (2, 1.6, 2, 1), (2, 7.0, 2, 1),  # at least one thread, always
+    (8, 3.0, 16, 8),  # never more than the share of the workers
+    (16, 5.2, 16, 11), (1, 0.0, 16, 1)])
+def test_threads_left_is_the_share_cut_to_the_free_cores(share, busy, n_cores, expected):
+    assert device.threads_left(share, busy, n_cores) == expected
+
+
+def _train(tmp_path, *args: str, env: dict, busy_neighbours: int = 0):
+    """``python -m harness.train`` on digits, beside ``busy_neighbours`` processes that spin from
+    before it starts to after it ends; the environment is the test's without OMP_* settings, plus env."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    full = {**base, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri, **env}
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy_neighbours)]
+    try:
+        out = subprocess.run([sys.executable, "-m", "harness.train", DIGITS, *QUICK, *args, "--quiet"],
+                             cwd=tmp_path, env=full, capture_output=True, text=True, timeout=300)
+    finally:
+        for s in spinners:
+            s.kill()
+            s.wait()
+    assert out.returncode == 0, out.stderr[-2000:]
+    (r,) = all_runs(uri)
+    return r.data.params
+
+
+def test_beside_processes_that_keep_every_core_busy_a_run_takes_one_thread(tmp_path):
+    params = _train(tmp_path, env={}, busy_neighbours=device.cores())
+    assert params["train.threads_used"] == "1"
+    assert float(params["train.cores_busy_at_start"]) >= 0.8 * (device.cores() - 1)
+    assert params["train.omp_wait_policy"] == "PASSIVE"
+
+
+def test_what_the_user_sets_wins_over_the_policy(tmp_path):
+    """train.threads, OMP_NUM_THREADS and OMP_WAIT_POLICY are kept as given, even beside busy
+    processes, and then nothing is measured."""
+    params = _train(tmp_path, "train.threads=2", env={"OMP_WAIT_POLICY": "active"}, busy_neighbours=1)
+    assert params["train.threads_used"] == "2" and params["train.cores_busy_at_start"] == "not measured"
+    assert params["train.omp_wait_policy"] == "ACTIVE"
+    (tmp_path / "b").mkdir()
+    params = _train(tmp_path / "b", env={"OMP_NUM_THREADS": "3"})
+    assert params["train.threads_used"] == "3" and params["train.omp_wait_policy"] == "PASSIVE"
+
+
+def test_a_resumed_run_trains_with_the_threads_it_started_with(tmp_path, store):
+    """Killed with 3 threads (OMP_NUM_THREADS=3), resumed in a process whose own count is 1: the
+    resumed epochs use 3 again, so they add up their floats as the first ones did."""
+    import torch
+    from mlflow import MlflowClient
+
+    from harness.run import run
+    from harness.spec import load_spec
+
+    args = [DIGITS, "train.epochs=3", "data.limit_train=200", "train.sanity_check=false", "train.log_model=false",
+            "train.upload_every_s=0"]
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    victim = subprocess.run([sys.executable, "-m", "harness.train", *args, "--quiet"], cwd=tmp_path, text=True,
+                            env={**base, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "3",
+                                 "HARNESS_FAILPOINT": "after_checkpoint:2"}, capture_output=True, timeout=300)
+    assert victim.returncode < 0, victim.stderr[-2000:]
+    (killed,) = all_runs(store)
+    assert killed.data.params["train.threads_used"] == "3"
+    before = torch.get_num_threads()
+    try:
+        result = run(load_spec(args[0], args[1:]), resume_run_id=killed.info.run_id, progress=False)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert MlflowClient().get_run(result.run_id).info.status == "FINISHED"
+
+
+def test_an_ablation_chooses_the_thread_count_once_and_records_it_in_its_plan(tmp_path):
+    """Every run of an ablation gets the same train.threads (written into the base spec the parent
+    records, which --resume reads back): pairs differ only by their arm, at any load."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    out = subprocess.run([sys.executable, "-m", "analysis.ablation",
+                          str(ROOT / "experiments" / "ablations" / "mode_bugs.yaml"), "--dry-run"],
+                         cwd=tmp_path, env={**base, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "every run trains with train.threads=2" in out.stdout
+    assert "'train.threads'" not in out.stdout  # the same for every arm: no arm shows it as its change
