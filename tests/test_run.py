@@ -202,6 +202,20 @@ def _tiny(*extra):
     return load_spec(DIGITS, TINY + ["train.checkpoint=false", "data.limit_train=300", *extra])
 
 
+def test_logging_the_model_does_not_load_lightning():
+    """mlflow.pytorch imports Lightning (2.5-4 s) for an autologging callback the harness never uses;
+    the tracker imports it without, and the callback still imports when someone asks for it."""
+    pytest.importorskip("pytorch_lightning")
+    code = ("import sys; from harness.tracking.mlflow_tracker import _mlflow_pytorch; m = _mlflow_pytorch(); "
+            "assert callable(m.log_model) and callable(m.load_model); "
+            "assert 'pytorch_lightning' not in sys.modules and 'lightning' not in sys.modules, 'loaded'; "
+            "import mlflow.pytorch._lightning_autolog as cb; print(cb.MlflowModelCheckpointCallback.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "MlflowModelCheckpointCallback"
+
+
 @pytest.mark.parametrize("exc, status", [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
 def test_an_exception_ends_the_run_in_a_final_state(fast_store, exc, status):
     import mlflow

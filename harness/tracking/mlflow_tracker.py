@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -170,10 +171,13 @@ class MlflowTracker:
         import torch
 
         name = model_name(mlflow.active_run().info.run_name or "model")
+        flavor = _mlflow_pytorch()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # Explicit requirements: MLflow's inference of them imports the model in a subprocess (~6 s).
-            info = mlflow.pytorch.log_model(
+            # The pickle format is chosen on purpose: MLflow's warning about it on every run is noise.
+            logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+            info = flavor.log_model(
                 model, name=name, input_example=input_example, serialization_format="pickle",
                 params={k: param_str(v) for k, v in (params or {}).items()} or None,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
@@ -260,3 +264,22 @@ def model_name(run_name: str) -> str:
 
 def _ready(model) -> bool:
     return getattr(model.status, "value", model.status) == "READY"
+
+
+def _mlflow_pytorch():
+    """``mlflow.pytorch``, imported without its Lightning autologging callback: where Lightning is
+    installed, that import loads Lightning, torchmetrics and scipy.signal, 2.5-4 s of every run's end for a
+    class the harness never uses (``mlflow.pytorch.autolog`` imports Lightning itself when called). An
+    import that already happened, or the callback imported first by someone else, is left as it is."""
+    if "mlflow.pytorch" in sys.modules:
+        return sys.modules["mlflow.pytorch"]
+    callback = "mlflow.pytorch._lightning_autolog"
+    block = callback not in sys.modules
+    if block:
+        sys.modules[callback] = None  # its import raises ImportError, which mlflow.pytorch expects
+    try:
+        import mlflow.pytorch
+    finally:
+        if block and sys.modules.get(callback, "") is None:
+            del sys.modules[callback]
+    return mlflow.pytorch

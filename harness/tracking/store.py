@@ -123,6 +123,9 @@ def setup_mlflow() -> str:
         # Off Databricks, MLflow's lookup of a Databricks job to resume imports IPython at every
         # start_run (~0.5 s of each command's start-up) to find nothing.
         os.environ.setdefault("MLFLOW_ENABLE_SGC_RUN_RESUMPTION_FOR_DATABRICKS_JOBS", "false")
+    # MLflow reads a run back from a tracking server at its end only to print a "View run" link: a
+    # request per run (a sweep's trial pays it on its critical path); the commands print where to browse.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     bare, user, password = split_credentials(uri)
     if password is not None:
         # MLflow's own way to pass them; the URI it prints ("View run at ...") and puts in its error
