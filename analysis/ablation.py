@@ -268,9 +268,9 @@ def main(argv: list[str] | None = None) -> int:
             ab = resume_plan(args.resume, args.spec)
         else:
             ab = load_ablation(args.spec, args.overrides, seeds=args.seeds, only=only)
-            if ab.base.train.threads is None:  # one count for every run, recorded in the plan (resume)
+            if ab.base.train.threads in (None, "auto"):  # one count for all runs, in the plan (resume)
                 workers = args.workers or ab.spec.workers
-                n = device.threads_for(workers) if workers > 1 else device.default_threads()
+                n = device.threads_for(workers) if workers > 1 else device.resolve_threads(ab.base.train.threads)
                 ab = load_ablation(args.spec, [*args.overrides, f"train.threads={n}"], seeds=args.seeds,
                                    only=only)
                 print(f"every run trains with train.threads={n} (the thread policy's choice, made once: "

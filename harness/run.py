@@ -126,7 +126,7 @@ def run(
         point = ResumePoint(start_epoch=1)
         if resume_run_id:
             point = resume_point(tracker, spec, parts.model, parts.optimizer, parts.policy.precision.scaler)
-            if point.threads and not spec.train.threads:  # the count it started with: the same sums
+            if point.threads and spec.train.threads in (None, "auto"):  # the count it started with
                 parts.threads = apply_threads(point.threads)
         guard = None
         if spec.guard != "off":

@@ -11,10 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # One torch thread in every test run, in this process and the CLI runs it starts (a subprocess inherits
-# it): the thread policy's count depends on the machine's load at a run's start, and thread counts
-# change float summation order, so runs compared number for number must agree on it. (A user's
-# OMP_NUM_THREADS wins, as in the harness; tests/test_threads.py checks the policy itself.) Then the
-# policy's wait policy in this process too, before any test module imports torch.
+# it): tests are small, and a machine busy with other jobs slows several threads far more than one.
+# (A user's OMP_NUM_THREADS wins, as in the harness; tests/test_threads.py checks the policy itself.)
+# Then the policy's wait policy in this process too, before any test module imports torch.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 from harness.core.device import prepare_threads  # noqa: E402  (imports no torch)
 

@@ -82,6 +82,8 @@ CASES = [
     ("no such GPU", "train", [DIGITS, "train.device=cuda:3"], None, {}, "train.device"),
     ("no MPS here", "train", [DIGITS, "train.device=mps"], None, {}, "train.device"),
     ("device typo", "train", [DIGITS, "train.device=gpu"], None, {}, "train.device"),
+    ("zero threads", "train", [DIGITS, "train.threads=0"], None, {}, "train.threads"),
+    ("threads in words", "train", [DIGITS, "train.threads=two"], None, {}, "train.threads"),
     ("override without =", "train", [DIGITS, "train.epochs"], None, {}, "train.epochs"),
     ("override without key", "train", [DIGITS, "=5"], None, {}, "key.sub=value"),
     ("override with empty part", "train", [DIGITS, "model..arch=mlp"], None, {}, "model..arch"),

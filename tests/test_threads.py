@@ -1,9 +1,11 @@
-"""The thread policy (harness/core/device.py): torch's threads cut to the cores other processes leave
-free, measured over a run's start-up; what a user sets explicitly wins; the choice is recorded with the
-run and a resume reuses it; an ablation makes the choice once for all its runs."""
+"""The thread policy (harness/core/device.py): by default a process's share of the cores, whatever the
+load (the same spec and seed, the same numbers); with train.threads=auto, that share cut to the cores
+other processes leave free, measured over the run's start-up; what a user sets explicitly wins; the
+choice is recorded with the run and a resume reuses it; an ablation makes it once for all its runs."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -44,9 +46,18 @@ def _train(tmp_path, *args: str, env: dict, busy_neighbours: int = 0):
     return r.data.params
 
 
-def test_beside_processes_that_keep_every_core_busy_a_run_takes_one_thread(tmp_path):
+def test_by_default_the_count_does_not_depend_on_the_load(tmp_path):
+    """Beside processes that keep every core busy, a run still takes its share of the cores: the
+    numbers of a spec and seed must not change with what else the machine runs."""
     params = _train(tmp_path, env={}, busy_neighbours=device.cores())
-    assert params["train.threads_used"] == "1"
+    assert params["train.threads_used"] == str(device.cores())
+    assert params["train.cores_busy_at_start"] == "not measured"
+    assert params["train.omp_wait_policy"] == "PASSIVE"
+
+
+def test_auto_beside_processes_that_keep_every_core_busy_takes_one_thread(tmp_path):
+    params = _train(tmp_path, "train.threads=auto", env={}, busy_neighbours=device.cores())
+    assert params["train.threads_used"] == "1" and params["train.threads"] == "auto"
     assert float(params["train.cores_busy_at_start"]) >= 0.8 * (device.cores() - 1)
     assert params["train.omp_wait_policy"] == "PASSIVE"
 
@@ -89,14 +100,19 @@ def test_a_resumed_run_trains_with_the_threads_it_started_with(tmp_path, store):
     assert MlflowClient().get_run(result.run_id).info.status == "FINISHED"
 
 
-def test_an_ablation_chooses_the_thread_count_once_and_records_it_in_its_plan(tmp_path):
+@pytest.mark.parametrize("setting, env, expected", [
+    ([], {"OMP_NUM_THREADS": "2"}, "2"),  # the policy's count (here the user's OMP_NUM_THREADS)
+    (["train.threads=auto"], {}, None)])  # the probe's count, whatever it is, once
+def test_an_ablation_chooses_the_thread_count_once_and_records_it_in_its_plan(tmp_path, setting, env,
+                                                                              expected):
     """Every run of an ablation gets the same train.threads (written into the base spec the parent
     records, which --resume reads back): pairs differ only by their arm, at any load."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
     out = subprocess.run([sys.executable, "-m", "analysis.ablation",
-                          str(ROOT / "experiments" / "ablations" / "mode_bugs.yaml"), "--dry-run"],
-                         cwd=tmp_path, env={**base, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"},
+                          str(ROOT / "experiments" / "ablations" / "mode_bugs.yaml"), *setting, "--dry-run"],
+                         cwd=tmp_path, env={**base, "PYTHONPATH": str(ROOT), **env},
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "every run trains with train.threads=2" in out.stdout
+    found = re.search(r"every run trains with train.threads=(\d+)", out.stdout)
+    assert found and (expected is None or found.group(1) == expected), out.stdout[:500]
     assert "'train.threads'" not in out.stdout  # the same for every arm: no arm shows it as its change

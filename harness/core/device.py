@@ -6,16 +6,16 @@ threads collapse beside another CPU-bound process (OpenMP threads spin while the
 other process holds: 3-6x slower epochs), so
 
 - OpenMP's waiting threads sleep (``OMP_WAIT_POLICY=PASSIVE``), set before torch loads;
-- a process's share of the cores is cores // workers (the workers of one sweep or ablation split them);
-- a share of several cores is cut to the cores the rest of the machine leaves free, measured once per
-  process over its own start-up (from ``prepare_threads`` to its first run: CPU time the machine's
-  other processes used, from ``/proc/stat``, for the cores this process may run on). Beside one busy
-  process on 2 cores that is 1 thread, alone 2.
+- a process's share of the cores is cores // workers (the workers of one sweep or ablation split them).
 
-Thread counts change float summation order, so the count is recorded with each run (param
-``train.threads_used``, with ``train.cores_busy_at_start``) and a resume reuses it; ``train.threads=N``
-pins it for runs that must match bit for bit. What a user sets explicitly wins: ``train.threads``,
-``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``.
+The count does not depend on the machine's load: thread counts change float summation order, and the
+same spec and seed must give the same numbers whenever they run. ``train.threads=auto`` trades that for
+speed on a busy machine: the share is cut to the cores the rest of the machine leaves free, measured
+once per process over its own start-up (from ``prepare_threads`` to its first run: CPU time other
+processes used on this process's cores, from ``/proc/stat``; beside one busy process on 2 cores, 1
+thread). Either way the count is recorded with the run (params ``train.threads_used``,
+``train.cores_busy_at_start``) and a resume reuses it. What a user sets explicitly wins: a number in
+``train.threads``, ``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``.
 
 This module imports torch only inside functions: :func:`prepare_threads` must run before torch is
 imported, since OpenMP reads its wait policy once, when torch's library loads.
@@ -84,9 +84,17 @@ def default_threads() -> int:
     env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
-    share = threads_for(_share["workers"])
-    busy = cores_busy()
-    return share if busy is None else threads_left(share, busy)
+    return threads_for(_share["workers"])
+
+
+def resolve_threads(requested: int | str | None) -> int:
+    """The count for the spec's ``train.threads``: a number as given; None, the policy's default;
+    ``"auto"``, this process's share cut to the cores other processes leave free."""
+    if requested == "auto":
+        share = threads_for(_share["workers"])
+        busy = cores_busy()
+        return share if busy is None else threads_left(share, busy)
+    return int(requested) if requested else default_threads()
 
 
 def threads_left(share: int, busy: float, n_cores: int | None = None) -> int:
@@ -97,7 +105,7 @@ def threads_left(share: int, busy: float, n_cores: int | None = None) -> int:
 def cores_busy() -> float | None:
     """Cores the machine's other processes kept busy (of those this process may run on) between
     :func:`prepare_threads` and the first call, measured once per process; None when unknown (no
-    ``/proc/stat``, or ``prepare_threads`` never ran)."""
+    ``/proc/stat``, or ``prepare_threads`` never ran: then the process's share is used as it is)."""
     if "busy" not in _probe:
         start = _probe.get("start")
         now = _cpu_counters()
@@ -114,7 +122,7 @@ def cores_busy() -> float | None:
 
 def busy_at_start() -> str:
     """What the probe measured, as recorded with a run: ``"1.0"`` cores, or ``"not measured"`` (the
-    thread count was set explicitly or this process has a single core to share)."""
+    count was not ``train.threads=auto``)."""
     busy = _probe.get("busy")
     return "not measured" if busy is None else f"{busy:.1f}"
 
@@ -135,12 +143,12 @@ def _cpu_counters() -> tuple[float, float, float] | None:
     return time.monotonic(), ticks / os.sysconf("SC_CLK_TCK"), t.user + t.system
 
 
-def apply_threads(requested: int | None) -> int:
-    """Set torch's intra-op threads to ``requested`` (the spec's ``train.threads``, or a resumed run's
-    recorded count) or the policy's default; returns the count now in use."""
+def apply_threads(requested: int | str | None) -> int:
+    """Set torch's intra-op threads for ``requested`` (the spec's ``train.threads``, or a resumed run's
+    recorded count; see :func:`resolve_threads`); returns the count now in use."""
     import torch
 
-    n = requested or default_threads()
+    n = resolve_threads(requested)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return torch.get_num_threads()

@@ -190,7 +190,7 @@ class TrainSpec(_Section):
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     amp: Literal["off", "bf16", "fp16"] = "off"  # mixed precision (fp16 with a GradScaler)
     deterministic: bool = False
-    threads: int | None = Field(None, ge=1)  # torch CPU threads; None: harness.core.device's policy
+    threads: Union[int, Literal["auto"], None] = None  # torch's CPU threads: harness/core/device.py
     channels_last: bool = False  # conv weights in NHWC memory format (faster convolutions on CPU)
     checkpoint: bool = True
     # Seconds between uploads of metrics, checkpoints and the guard's ledger (0: every epoch); always at
@@ -204,6 +204,13 @@ class TrainSpec(_Section):
     @classmethod
     def _amp_off(cls, v: Any) -> Any:
         return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, v: Any) -> Any:
+        if v not in (None, "auto") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError("expected a whole number of threads >= 1, or auto")
+        return v
 
     @field_validator("device")
     @classmethod
