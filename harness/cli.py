@@ -88,6 +88,46 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C (SIGINT) or SIGTERM arriving inside the block takes effect when the block ends, so a
+    write to the store (a database transaction, a checkpoint upload) is not cut in half; a second one
+    takes effect at once (a store that does not answer must not hold the user). Outside the main
+    thread, a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in kinds}
+
+    def deliver(signum: int) -> None:
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, None)  # raises KeyboardInterrupt or Terminated
+        elif handler == signal.SIG_DFL:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+    def hold(signum, frame):
+        if caught:
+            for s, h in previous.items():
+                signal.signal(s, h)
+            deliver(signum)
+        caught.append(signum)
+
+    for s in kinds:
+        if previous[s] != signal.SIG_IGN:
+            signal.signal(s, hold)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if caught:
+        deliver(caught[0])
+
+
+@contextlib.contextmanager
 def temp_env(**values: str) -> Iterator[None]:
     """Environment variables set for the block and restored after it (a library reads them per call)."""
     saved = {k: os.environ.get(k) for k in values}

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from harness import failpoints
+from harness.cli import signals_deferred
 from harness.core.data import Data, load_data
 from harness.core.device import apply_threads, busy_at_start, resolve_device, wait_policy
 from harness.core.loop import Diverged, Precision, Stopped, evaluate, sanity_check
@@ -158,7 +159,8 @@ def _tracked(spec: Spec, parts: Parts, tracker: Tracker, guard: ModeGuard | None
                 if point.changes and point.has_params:
                     tracker.log_text(spec.to_yaml(), "spec.yaml")
             if not point.has_params:  # a new run, or one killed before it logged them
-                _log_start(tracker, spec, parts)
+                with signals_deferred():
+                    _log_start(tracker, spec, parts)
             result = train_epochs(spec, parts, log, guard, point, on_epoch, progress, uploads)
             failpoints.reach("after_last_epoch")
             test = evaluate(parts.model, parts.data.test, parts.device, policy=parts.policy, guard=guard,

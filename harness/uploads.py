@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harness import failpoints
+from harness.cli import signals_deferred
 from harness.tracking.tracker import Tracker
 
 if TYPE_CHECKING:
@@ -68,7 +69,12 @@ class Uploads:
         return time.monotonic() - self._sent_at >= self.every_s
 
     def send(self) -> None:
-        """Upload everything pending, in the order that keeps a kill at any instant resumable."""
+        """Upload everything pending, in the order that keeps a kill at any instant resumable; a Ctrl-C
+        or SIGTERM meanwhile takes effect once it is done (no write cut in half)."""
+        with signals_deferred():
+            self._send()
+
+    def _send(self) -> None:
         t = self.tracker
         t.flush()
         failpoints.reach("after_epoch_metrics")

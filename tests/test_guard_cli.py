@@ -96,7 +96,10 @@ def test_ctrl_c_ends_the_guarded_script_as_it_ends_python(script, tmp_path):
     ended = []
     for guard in (False, True):
         cmd = [sys.executable, *(["-m", "harness.guard"] if guard else []), "sub/train.py", "interrupt"]
-        p = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # A shell's background job (CI started with '&') inherits SIGINT ignored; a terminal's Ctrl-C
+        # reaches a process that has it at its default, so give the script that.
+        p = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         while p.stdout.readline().strip() != "ready":
             pass
         p.send_signal(signal.SIGINT)

@@ -287,6 +287,29 @@ def test_unavailable_device_is_a_user_error_and_makes_no_run(fast_store):
     assert all_runs(fast_store) == []
 
 
+def test_a_signal_during_a_store_write_takes_effect_after_it():
+    """Uploads run under signals_deferred: a SIGTERM or Ctrl-C arriving mid-write lets the write finish,
+    then ends the run; a second one does not wait (a store that hangs must not hold the user)."""
+    from harness.cli import Terminated, signals_deferred, sigterm_as_interrupt
+
+    done = []
+    with sigterm_as_interrupt(), pytest.raises(Terminated):
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # a handler would have run by now
+            done.append("write finished")
+    assert done == ["write finished"]
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            done.append("never")
+    assert done == ["write finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+
+
 def test_sigterm_marks_the_run_killed(fast_store, tmp_path):
     from mlflow import MlflowClient
 
