@@ -514,3 +514,25 @@ def test_check_storage_runs_the_doctor(fast_store, tmp_path):
     r = run_cli("harness.sweep", SPEC, "--check-storage", cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "storage doctor" in r.stdout
+
+
+def test_a_trial_failed_as_stale_by_another_worker_stops_in_one_line(store, tmp_path, caplog):
+    """While a trial trains, another worker may fail it as stale (its heartbeat lost in a long stall,
+    such as a database restart) and queue its params again. The trial's own worker then stops it with a
+    warning, not a crash report with a traceback, and its MLflow run is ended, not left RUNNING."""
+    import logging
+
+    from harness.sweep.cli import parse_args
+    from harness.sweep.context import open_context
+    from harness.sweep.worker import run_trial
+
+    ctx = open_context(parse_args([SPEC, *FAST, "--n-trials", "1",
+                                   "--storage", str(tmp_path / "optuna.journal")]))
+    trial = ctx.study.ask()
+    ctx.study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # the other worker
+    with caplog.at_level(logging.WARNING, logger="harness.sweep"):
+        outcome = run_trial(ctx, trial)
+    assert outcome.state == TrialState.FAIL and "failed as stale by another worker" in outcome.reason
+    assert "crashed" not in caplog.text and "Traceback" not in caplog.text
+    (r,) = all_runs(store)
+    assert r.info.status != "RUNNING" and r.data.tags["optuna.state"] == "FAIL"

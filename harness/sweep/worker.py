@@ -171,6 +171,11 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
     except KeyboardInterrupt as e:
         reason = "interrupted"
         interrupted = e
+    except optuna.exceptions.UpdateFinishedTrialError as e:
+        # Another worker failed this trial as stale while it ran (its heartbeat lost in a long stall, such
+        # as a database restart) and queued its params again: stop here, in one line.
+        reason = f"failed as stale by another worker while it ran ({str(e).splitlines()[0]})"
+        log.warning("trial %d: %s", n, reason)
     except Exception as e:  # a crash in one trial (e.g. out of memory) must not end the sweep
         reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         full = disk_problem(e)
