@@ -51,7 +51,7 @@ class Store:
 def make_store(folder: Path, *, epochs: int = 3, trials: int = 4, limit_train: int = 400, seeds: int = 2) -> Store:
     """Run, in ``folder``, what a new user runs first: ``harness.train``, a sweep of ``trials`` trials
     (trial 2 is pruned at epoch 2 by a pruner made for it, so every store shows one) and an
-    ablation of two mode bugs over ``seeds`` seeds. ~40 s on 2 cores with the defaults."""
+    ablation of two mode bugs over ``seeds`` seeds. ~45 s on 2 cores with the defaults."""
     fast = ["train.threads=1", f"data.limit_train={limit_train}"]
     import mlflow
 
@@ -72,8 +72,10 @@ def make_store(folder: Path, *, epochs: int = 3, trials: int = 4, limit_train: i
     harness.sweep.space.make_pruner = lambda name, spec: PruneOne(PRUNED_TRIAL, step=2)
     try:
         assert train([str(SPEC), *fast, f"train.epochs={epochs}", "--quiet"]) == 0
-        assert sweep([str(SPEC), *fast, f"train.epochs={epochs}", "train.log_model=false", "--n-trials",
-                      str(trials), "--quiet"]) == 0
+        # Trials on all of digits, 12 epochs or more: ~1 s each, so each outlasts the shortest tail that
+        # system metrics sample (harness.tracking.sysmetrics.MIN_TAIL_S) even on a fast machine.
+        assert sweep([str(SPEC), "train.threads=1", f"train.epochs={max(epochs, 12)}", "train.log_model=false",
+                      "--n-trials", str(trials), "--quiet"]) == 0
         run_ablation(load_ablation(ABLATION, [*fast, f"train.epochs={max(2, epochs // 2)}"], seeds=seeds,
                                    only=["no_eval", "no_zero_grad"]), echo=lambda *_: None)
     finally:
