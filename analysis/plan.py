@@ -20,7 +20,7 @@ The ablation spec::
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -93,6 +93,17 @@ class Ablation:
     @property
     def experiment(self) -> str:
         return self.spec.experiment or self.spec.name
+
+    def with_threads(self, threads: int) -> "Ablation":
+        """Every arm with ``train.threads`` set to one count: a setting that changes float summation
+        order, so it goes into the base spec the parent records (``--resume`` reads it back), the arms'
+        specs, their params and hashes, where ``harness.train`` can reproduce it. A spec that sets a
+        number of its own keeps it; ``auto`` is replaced by the count given."""
+        if self.base.train.threads not in (None, "auto"):
+            return self
+        arms = {n: replace(a, spec=a.spec.with_overrides({"train.threads": threads}))
+                for n, a in self.arms.items()}
+        return replace(self, base=self.base.with_overrides({"train.threads": threads}), arms=arms)
 
     def arm_spec(self, arm: str, seed: int) -> Spec:
         return self.arms[arm].spec.with_overrides({"seed": seed, "name": self.experiment})
