@@ -14,7 +14,6 @@ sampled/unsampled, between runs that ran back to back, and how many samples a ru
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import statistics
 import sys
@@ -71,7 +70,6 @@ def main() -> None:
     from harness.cli import setup_logging
 
     setup_logging()  # MLflow's own INFO lines (one per monitor started) are not results
-    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="bench-sysmetrics-") as tmp:
         os.chdir(tmp)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(tmp) / 'mlflow.db'}"

@@ -87,8 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    # mlflow.pytorch warns about the pickle format on every logged model: once per trial is noise.
-    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     with user_errors("harness.sweep"):
         if args.check_storage:
             return _check_storage(args)

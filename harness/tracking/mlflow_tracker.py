@@ -172,11 +172,11 @@ class MlflowTracker:
 
         name = model_name(mlflow.active_run().info.run_name or "model")
         flavor = _mlflow_pytorch()
+        # The pickle format is chosen on purpose: MLflow's warning about it on every model is noise.
+        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # Explicit requirements: MLflow's inference of them imports the model in a subprocess (~6 s).
-            # The pickle format is chosen on purpose: MLflow's warning about it on every run is noise.
-            logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
             info = flavor.log_model(
                 model, name=name, input_example=input_example, serialization_format="pickle",
                 params={k: param_str(v) for k, v in (params or {}).items()} or None,
