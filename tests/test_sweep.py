@@ -175,7 +175,10 @@ def test_per_trial_seeds_keep_parallel_workers_apart():
 # -- parallel workers and killed processes ------------------------------------------------------------------
 
 def test_two_workers_end_with_exactly_n_trials_under_one_parent(fast_store, tmp_path):
-    r = run_cli("harness.sweep", SPEC, *FAST, "--n-trials", "6", "--workers", "2", cwd=tmp_path)
+    # Trials of ~2 s each (30 epochs, unpruned): the 6 of them outlast the few seconds by which one worker's
+    # start-up can lag the other's on a loaded machine, so both workers get trials.
+    long = ["train.epochs=30", "--pruner", "none"]
+    r = run_cli("harness.sweep", SPEC, *FAST, *long, "--n-trials", "6", "--workers", "2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "database is locked" not in r.stderr
     study = the_study()
