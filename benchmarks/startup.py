@@ -42,7 +42,7 @@ WRAP = {  # module: functions (Class.method) timed as they run
     "harness.core.loop": ["sanity_check"],
     "harness.epochs": ["train_epochs"],
     "harness.run": ["build", "run", "_log_start", "_tracked"],
-    "harness.tracking.mlflow_tracker": ["MlflowTracker.log_model", "MlflowTracker.log_dataset"],
+    "harness.tracking.mlflow_tracker": ["MlflowTracker.log_model", "MlflowTracker.log_datasets"],
 }
 
 
@@ -160,7 +160,7 @@ def phases(marks: list, wall: float) -> dict[str, float]:
     data = main["harness.core.data.load_data"]
     logstart_s, logstart_e = at("harness.run._log_start"), at("harness.run._log_start", True)
     sanity = main.get("harness.core.loop.sanity_check", (0.0, 0.0))
-    dataset = main.get("harness.tracking.mlflow_tracker.MlflowTracker.log_dataset", (0.0, 0.0))
+    dataset = main.get("harness.tracking.mlflow_tracker.MlflowTracker.log_datasets", (0.0, 0.0))
     epochs_s, epochs_e = at("harness.epochs.train_epochs"), at("harness.epochs.train_epochs", True)
     model = main.get("harness.tracking.mlflow_tracker.MlflowTracker.log_model")
     tracked_e = at("harness.run._tracked", True)

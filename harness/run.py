@@ -251,20 +251,22 @@ def _record_failure(uploads: Uploads, e: BaseException) -> None:
 
 def _log_start(tracker: Tracker, spec: Spec, parts: Parts) -> None:
     d = parts.data
-    # One request for every param: against a tracking server each request costs 50 ms or more.
-    tracker.log_params({**spec.params(), **{f"data.size.{k}": v for k, v in d.sizes.items()},
-                        "data.num_classes": d.num_classes, "train.threads_used": parts.threads,
-                        "train.omp_wait_policy": wait_policy(),
-                        "train.cores_busy_at_start": busy_at_start()})
-    tracker.log_text(spec.to_yaml(), "spec.yaml")
-    for split, context in (("val", "validation"), ("test", "test")):
-        batches = getattr(d, split)
-        whole = getattr(batches, "split", None)  # in memory: the whole split; else its first batch
-        x, y = (whole.x, whole.y) if whole is not None else next(iter(batches))
-        tracker.log_dataset(x.cpu().numpy(), y.cpu().numpy(), name=f"{d.name}-{split}" + ("" if whole else "-sample"),
-                            source=d.source, context=context)
+    tags = {}
     if spec.train.sanity_check:
         problems = sanity_check(parts.model, next(iter(d.train)), parts.optimizer)
         for p in problems:
             log.warning("sanity check: %s", p)
-        tracker.set_tags({"sanity_check": "; ".join(problems) or "ok"})
+        tags["sanity_check"] = "; ".join(problems) or "ok"
+    # One request for every param and tag: against a tracking server each request costs 50 ms or more.
+    tracker.log_params({**spec.params(), **{f"data.size.{k}": v for k, v in d.sizes.items()},
+                        "data.num_classes": d.num_classes, "train.threads_used": parts.threads,
+                        "train.omp_wait_policy": wait_policy(),
+                        "train.cores_busy_at_start": busy_at_start()}, tags)
+    tracker.log_text(spec.to_yaml(), "spec.yaml")
+    splits = []
+    for split, context in (("val", "validation"), ("test", "test")):
+        batches = getattr(d, split)
+        whole = getattr(batches, "split", None)  # in memory: the whole split; else its first batch
+        x, y = (whole.x, whole.y) if whole is not None else next(iter(batches))
+        splits.append((f"{d.name}-{split}" + ("" if whole else "-sample"), x.cpu().numpy(), y.cpu().numpy(), context))
+    tracker.log_datasets(splits, source=d.source)

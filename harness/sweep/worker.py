@@ -139,6 +139,7 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
         if epoch < last_epoch and trial.should_prune():
             raise Stopped(f"pruned by the {ctx.pruner} pruner at epoch {epoch}")
 
+    created_name = parent.trial_run_name(n, TrialState.RUNNING)
     t0 = time.perf_counter()
     state, value, reason = TrialState.FAIL, None, ""
     retry_params = False
@@ -149,7 +150,7 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
         # metric): trials keep their checkpoints, and the best params' harness.train line logs one.
         spec = ctx.spec.with_overrides({**trial.params, **({} if ctx.log_models else {"train.log_model": False})})
         tracker = MlflowTracker()
-        result = run(spec, tracker=tracker, run_name=parent.trial_run_name(n, TrialState.RUNNING),
+        result = run(spec, tracker=tracker, run_name=created_name,
                      parent_run_id=ctx.parent_run_id, tags=tags, on_epoch=on_epoch, progress=False,
                      data=_data(ctx, spec), system_metrics=None)
         value = float(result.metrics[metric])
@@ -209,8 +210,9 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
                     n, state.name, str(e).splitlines()[0])
         state = ctx.study._storage.get_trial(trial._trial_id).state
     if run_id and not mlflow_gone:
+        name = parent.trial_run_name(n, state, reason)  # renamed only when it says more (a rename: 2 requests)
         parent.end_run(run_id, "KILLED" if reason == "interrupted" else None, parent.trial_tags(state, reason),
-                       name=parent.trial_run_name(n, state, reason))
+                       name=name if name != created_name else None)
     if state == TrialState.FAIL and (retry_params or reason == "interrupted"):
         # Interrupted (Ctrl-C, SIGTERM) or the store was busy: nothing was learned about the params.
         st.retry(ctx.study, ctx.study._storage.get_trial(trial._trial_id))

@@ -87,12 +87,18 @@ class MlflowTracker:
                 _end_run(final_status(error))
 
     # -- logging ---------------------------------------------------------------------------------
-    def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+    def log_params(self, params: dict[str, Any], tags: dict[str, Any] | None = None) -> None:
+        """``params`` (and ``tags``, if any) in as few requests as MLflow's limits allow: one, usually."""
+        from mlflow.entities import Param, RunTag
 
         items = [Param(k, param_str(v)) for k, v in params.items()]
+        extra = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        with_params = extra if len(extra) <= self.MAX_TAGS else []
         for i in range(0, len(items), self.MAX_PARAMS):
-            self.client.log_batch(self.run_id, params=items[i:i + self.MAX_PARAMS], synchronous=True)
+            self.client.log_batch(self.run_id, params=items[i:i + self.MAX_PARAMS],
+                                  tags=with_params if i == 0 else [], synchronous=True)
+        if extra and not (items and with_params):
+            self.set_tags(tags)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -147,9 +153,10 @@ class MlflowTracker:
         """False when the tracking server is gone: logging more would retry for minutes, then fail."""
         return not store.tracking_server_down()
 
-    def log_dataset(self, x, y, *, name: str, source: str, context: str) -> None:
-        """A split as the run's MLflow dataset input (a nicety: never fails the run). ``source``: an
-        absolute path (the files the data was read from) or the code that made it (a factory call)."""
+    def log_datasets(self, splits: list[tuple[str, Any, Any, str]], *, source: str) -> None:
+        """Splits ``(name, x, y, context)`` as the run's MLflow dataset inputs, in one request (a nicety:
+        never fails the run). ``source``: an absolute path (the files the data was read from) or the code
+        that made it (a factory call)."""
         import mlflow
         from mlflow.data.code_dataset_source import CodeDatasetSource
 
@@ -158,10 +165,10 @@ class MlflowTracker:
                 warnings.simplefilter("ignore")  # "the source can be interpreted in multiple ways"
                 src = Path(source).as_uri() if Path(source).is_absolute() else \
                     CodeDatasetSource({"mlflow.source.name": source, "mlflow.source.type": "LOCAL"})
-                ds = mlflow.data.from_numpy(x, targets=y, name=name, source=src)
-            mlflow.log_input(ds, context=context)
+                sets = [mlflow.data.from_numpy(x, targets=y, name=name, source=src) for name, x, y, _ in splits]
+            mlflow.log_inputs(datasets=sets, contexts=[context for *_, context in splits], tags_list=[None] * len(sets))
         except Exception as e:
-            log.debug("dataset input not logged: %s", e)
+            log.debug("dataset inputs not logged: %s", e)
 
     def log_model(self, model, input_example, params: dict[str, Any] | None = None) -> None:
         """The final model as a LoggedModel named after its run (pickle format: MLflow 3's default pt2
