@@ -14,8 +14,9 @@ and stopped after it, the kind of neighbour a laptop's browser tab or another sw
 
 Settings ("arms"), each a way a user could run the same command:
 
-  policy    the harness's default: one torch thread per core, OpenMP's waiting threads asleep
-            (OMP_WAIT_POLICY=PASSIVE); see harness/core/device.py
+  policy    the harness's default: one torch thread per core; OpenMP's waiting threads asleep
+            (OMP_WAIT_POLICY=PASSIVE) when other processes run as it starts, else OpenMP's default;
+            see harness/core/device.py
   auto      train.threads=auto: the policy's threads cut to the cores other processes leave free,
             measured over the run's start-up
   torch     what the harness did before: torch's defaults, i.e. one thread per core with OpenMP's
@@ -81,8 +82,9 @@ def per_epoch(uri: str, run_id: str) -> list[float]:
 
 
 def run_once(work: Path, data_args: list[str], env_extra: dict, overrides: list[str], beside: bool,
-             epochs: int, tag: str) -> float:
-    """One ``python -m harness.train``; its median seconds per epoch (warm-up epoch left out)."""
+             epochs: int, tag: str) -> tuple[float, str]:
+    """One ``python -m harness.train``; its median seconds per epoch (warm-up epoch left out) and the
+    OpenMP wait policy it ran with."""
     uri = f"sqlite:///{work / 'mlflow.db'}"
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
                                                             "OMP_NUM_THREADS")}
@@ -100,7 +102,10 @@ def run_once(work: Path, data_args: list[str], env_extra: dict, overrides: list[
     found = re.search(r"^run (\w+):", out.stdout, re.M)
     if out.returncode != 0 or not found:
         sys.exit(f"shared.py: {tag} failed (exit {out.returncode}):\n{out.stdout[-1500:]}\n{out.stderr[-3000:]}")
-    return statistics.median(per_epoch(uri, found.group(1)))
+    from mlflow import MlflowClient
+
+    policy = MlflowClient(uri).get_run(found.group(1)).data.params.get("train.omp_wait_policy", "?")
+    return statistics.median(per_epoch(uri, found.group(1))), policy
 
 
 def data_overrides(args, work: Path) -> list[str]:
@@ -143,10 +148,11 @@ def main(argv: list[str] | None = None) -> int:
                 order = [(a, c) for c in CONDITIONS for a in arms]
                 for arm, cond in (order if rnd % 2 else order[::-1]):  # drifting load hits all alike
                     env, overrides = arms[arm]
-                    s = run_once(work, data_args, env, overrides, cond == "beside", args.epochs,
-                                 f"{arm}-{cond}-{rnd}")
+                    s, policy = run_once(work, data_args, env, overrides, cond == "beside", args.epochs,
+                                         f"{arm}-{cond}-{rnd}")
                     times[(arm, cond)].append(s)
-                    print(f"  {arm:10s} {cond:6s} {s:6.3f} s/epoch  [{time.perf_counter() - t0:4.0f} s]", flush=True)
+                    print(f"  {arm:10s} {cond:6s} {s:6.3f} s/epoch  [{time.perf_counter() - t0:4.0f} s]  "
+                          f"wait policy {policy}", flush=True)
     except KeyboardInterrupt:
         print("shared.py: interrupted; the results so far:", file=sys.stderr, flush=True)
     report(arms, times, args.rounds)

@@ -18,7 +18,7 @@ import torch
 from harness import failpoints
 from harness.cli import signals_deferred
 from harness.core.data import Data, load_data
-from harness.core.device import apply_threads, busy_at_start, resolve_device, wait_policy
+from harness.core.device import apply_threads, busy_at_start, others_at_start, resolve_device, wait_policy
 from harness.core.loop import Diverged, Precision, Stopped, evaluate, sanity_check
 from harness.core.models import build_model, check_submodules, has_batchnorm
 from harness.core.modes import Correct, get_policy
@@ -261,7 +261,8 @@ def _log_start(tracker: Tracker, spec: Spec, parts: Parts) -> None:
     tracker.log_params({**spec.params(), **{f"data.size.{k}": v for k, v in d.sizes.items()},
                         "data.num_classes": d.num_classes, "train.threads_used": parts.threads,
                         "train.omp_wait_policy": wait_policy(),
-                        "train.cores_busy_at_start": busy_at_start()}, tags)
+                        "train.cores_busy_at_start": busy_at_start(),
+                        "train.others_running_at_start": others_at_start()}, tags)
     tracker.log_text(spec.to_yaml(), "spec.yaml")
     splits = []
     for split, context in (("val", "validation"), ("test", "test")):

@@ -1,5 +1,6 @@
 """The thread policy (harness/core/device.py): by default a process's share of the cores, whatever the
-load (the same spec and seed, the same numbers); with train.threads=auto, that share cut to the cores
+load (the same spec and seed, the same numbers), whose waiting threads sleep when other processes run
+as it starts (which changes no number); with train.threads=auto, that share cut to the cores
 other processes leave free, measured over the run's start-up; what a user sets explicitly wins; the
 choice is recorded with the run and a resume reuses it; an ablation makes it once for all its runs."""
 from __future__ import annotations
@@ -27,6 +28,16 @@ def test_threads_left_is_the_share_cut_to_the_free_cores(share, busy, n_cores, e
     assert device.threads_left(share, busy, n_cores) == expected
 
 
+@pytest.mark.parametrize("others, threads, n_cores, sleeps", [
+    (0.0, 2, 2, False), (0.4, 2, 2, False),  # an idle machine (a little noise): OpenMP's spin is kept
+    (0.6, 2, 2, True), (1.0, 2, 2, True), (5.0, 2, 2, True),  # a core taken: the threads sleep
+    (None, 2, 2, True),  # unknown: sleeping is the safe choice
+    (3.0, 2, 2, True), (3.0, 8, 16, False), (9.0, 8, 16, True),
+    (0.0, 3, 2, True)])  # more threads than cores
+def test_waiting_threads_sleep_when_other_tasks_leave_too_few_free_cores(others, threads, n_cores, sleeps):
+    assert device.sleep_while_waiting(others, threads, n_cores) is sleeps
+
+
 def _train(tmp_path, *args: str, env: dict, busy_neighbours: int = 0):
     """``python -m harness.train`` on digits, beside ``busy_neighbours`` processes that spin from
     before it starts to after it ends; the environment is the test's without OMP_* settings, plus env."""
@@ -43,20 +54,22 @@ def _train(tmp_path, *args: str, env: dict, busy_neighbours: int = 0):
             s.wait()
     assert out.returncode == 0, out.stderr[-2000:]
     (r,) = all_runs(uri)
-    return r.data.params
+    return r
 
 
 def test_by_default_the_count_does_not_depend_on_the_load(tmp_path):
     """Beside processes that keep every core busy, a run still takes its share of the cores: the
     numbers of a spec and seed must not change with what else the machine runs."""
-    params = _train(tmp_path, env={}, busy_neighbours=device.cores())
+    params = _train(tmp_path, env={}, busy_neighbours=device.cores()).data.params
     assert params["train.threads_used"] == str(device.cores())
     assert params["train.cores_busy_at_start"] == "not measured"
+    # ... and its waiting threads sleep, since the spinning neighbours were there when it started
+    assert float(params["train.others_running_at_start"]) >= device.cores() - 0.5
     assert params["train.omp_wait_policy"] == "PASSIVE"
 
 
 def test_auto_beside_processes_that_keep_every_core_busy_takes_one_thread(tmp_path):
-    params = _train(tmp_path, "train.threads=auto", env={}, busy_neighbours=device.cores())
+    params = _train(tmp_path, "train.threads=auto", env={}, busy_neighbours=device.cores()).data.params
     assert params["train.threads_used"] == "1" and params["train.threads"] == "auto"
     assert float(params["train.cores_busy_at_start"]) >= 0.8 * (device.cores() - 1)
     assert params["train.omp_wait_policy"] == "PASSIVE"
@@ -65,12 +78,29 @@ def test_auto_beside_processes_that_keep_every_core_busy_takes_one_thread(tmp_pa
 def test_what_the_user_sets_wins_over_the_policy(tmp_path):
     """train.threads, OMP_NUM_THREADS and OMP_WAIT_POLICY are kept as given, even beside busy
     processes, and then nothing is measured."""
-    params = _train(tmp_path, "train.threads=2", env={"OMP_WAIT_POLICY": "active"}, busy_neighbours=1)
+    params = _train(tmp_path, "train.threads=2", env={"OMP_WAIT_POLICY": "active"}, busy_neighbours=1).data.params
     assert params["train.threads_used"] == "2" and params["train.cores_busy_at_start"] == "not measured"
-    assert params["train.omp_wait_policy"] == "ACTIVE"
+    assert params["train.omp_wait_policy"] == "ACTIVE" and params["train.others_running_at_start"] == "not measured"
     (tmp_path / "b").mkdir()
-    params = _train(tmp_path / "b", env={"OMP_NUM_THREADS": "3"})
-    assert params["train.threads_used"] == "3" and params["train.omp_wait_policy"] == "PASSIVE"
+    params = _train(tmp_path / "b", env={"OMP_NUM_THREADS": str(device.cores() + 1)}).data.params
+    # more threads than cores: they wait for each other's cores, so they sleep whatever the load
+    assert params["train.threads_used"] == str(device.cores() + 1) and params["train.omp_wait_policy"] == "PASSIVE"
+
+
+def test_the_wait_policy_changes_no_number(tmp_path):
+    """Sleeping or spinning is only how idle threads wait: two threads that sleep and two that spin
+    give the same curve bit for bit, so the policy may follow the load at start."""
+    from mlflow import MlflowClient
+
+    curves = []
+    for i, wait in enumerate(({"OMP_WAIT_POLICY": "PASSIVE"}, {"OMP_WAIT_POLICY": "ACTIVE"})):
+        (tmp_path / str(i)).mkdir()
+        r = _train(tmp_path / str(i), "train.epochs=2", env={"OMP_NUM_THREADS": "2", **wait})
+        assert r.data.params["train.threads_used"] == "2"
+        client = MlflowClient(f"sqlite:///{tmp_path / str(i) / 'mlflow.db'}")
+        curves.append([(m.step, m.value) for key in ("train/loss", "val/loss", "val/acc")
+                       for m in client.get_metric_history(r.info.run_id, key)])
+    assert len(curves[0]) == 6 and curves[0] == curves[1]
 
 
 def test_a_resumed_run_trains_with_the_threads_it_started_with(tmp_path, store):

@@ -3,9 +3,14 @@ torch, chosen by one policy for a single run, each worker of a sweep and each wo
 
 The thread policy, measured on a 2-core machine (README "Speed", ``benchmarks/shared.py``): torch's
 threads collapse beside another CPU-bound process (OpenMP threads spin while they wait for a core the
-other process holds: 3-6x slower epochs), so
+other process holds: 3-6x slower epochs), while on an idle machine spinning is what makes small ops fast
+(sleeping threads cost 5-25% there), so
 
-- OpenMP's waiting threads sleep (``OMP_WAIT_POLICY=PASSIVE``), set before torch loads;
+- when, as the process starts, other processes keep running on the cores its threads need, OpenMP's
+  waiting threads sleep (``OMP_WAIT_POLICY=PASSIVE``); on an idle machine OpenMP's default (spin, then
+  sleep) is kept. Set before torch loads; it changes no number (only how idle threads wait), so it may
+  follow the load. The probe reads the number of runnable tasks (``/proc/loadavg``) a few times over
+  ~20 ms; where it cannot, the threads sleep;
 - a process's share of the cores is cores // workers (the workers of one sweep or ablation split them).
 
 The count does not depend on the machine's load: thread counts change float summation order, and the
@@ -14,7 +19,8 @@ speed on a busy machine: the share is cut to the cores the rest of the machine l
 once per process over its own start-up (from ``prepare_threads`` to its first run: CPU time other
 processes used on this process's cores, from ``/proc/stat``; beside one busy process on 2 cores, 1
 thread). Either way the count is recorded with the run (params ``train.threads_used``,
-``train.cores_busy_at_start``) and a resume reuses it. What a user sets explicitly wins: a number in
+``train.cores_busy_at_start``, ``train.omp_wait_policy``, ``train.others_running_at_start``) and a resume
+reuses it. What a user sets explicitly wins: a number in
 ``train.threads``, ``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``.
 
 This module imports torch only inside functions: :func:`prepare_threads` must run before torch is
@@ -32,6 +38,7 @@ if TYPE_CHECKING:
     import torch
 
 WAIT_POLICY = "PASSIVE"
+RUNNABLE_READS, RUNNABLE_GAP_S = 10, 0.002  # the start-up probe of the wait policy: ~20 ms
 _share = {"workers": 1}  # worker processes this machine's cores are split between (this one included)
 _probe: dict = {}  # "start": CPU counters at prepare_threads; "busy": what the probe measured, once
 PROBE_MIN_S = 0.2  # a shorter window than this is extended by a sleep: too few clock ticks to tell
@@ -64,13 +71,45 @@ def threads_for(workers: int) -> int:
 
 
 def prepare_threads(workers: int = 1) -> None:
-    """At an entry point, before torch is imported: OpenMP's waiting threads sleep instead of spinning
-    (unless the user chose a wait policy or spin count), and this process is one of ``workers`` sharing
-    the cores. Child processes inherit the wait policy through the environment."""
-    if not _user_wait_policy():
-        os.environ["OMP_WAIT_POLICY"] = WAIT_POLICY
+    """At an entry point, before torch is imported: this process is one of ``workers`` sharing the
+    cores, and, unless the user chose a wait policy or spin count, OpenMP's waiting threads sleep when
+    other processes already run on the cores this one's threads need (:func:`sleep_while_waiting`).
+    Child processes inherit the wait policy through the environment."""
     share_cores(workers)
+    if not _user_wait_policy() and "others" not in _probe:
+        _probe["others"] = others_running()
+        # A spec may ask for more threads than the default (known later): decide for 2 or more.
+        if sleep_while_waiting(_probe["others"], max(2, default_threads())):
+            os.environ["OMP_WAIT_POLICY"] = WAIT_POLICY
     _probe.setdefault("start", _cpu_counters())
+
+
+def sleep_while_waiting(others: float | None, threads: int, n_cores: int | None = None) -> bool:
+    """Whether ``threads`` OpenMP threads should sleep, not spin, while they wait: yes when the
+    ``others`` tasks running elsewhere (None: unknown) leave fewer free cores than threads."""
+    return others is None or (n_cores or cores()) - others < threads - 0.5
+
+
+def others_running() -> float | None:
+    """Tasks other than this one that are running or waiting to run on the machine, averaged over
+    ~20 ms (the 4th field of ``/proc/loadavg``); None where that file does not exist."""
+    counts = []
+    for i in range(RUNNABLE_READS):
+        try:
+            with open("/proc/loadavg") as f:
+                counts.append(int(f.read().split()[3].split("/")[0]) - 1)  # minus this reader
+        except (OSError, IndexError, ValueError):
+            return None
+        if i + 1 < RUNNABLE_READS:
+            time.sleep(RUNNABLE_GAP_S)
+    return max(0.0, sum(counts) / len(counts))
+
+
+def others_at_start() -> str:
+    """What the wait-policy probe measured, as recorded with a run: ``"1.0"`` tasks, or ``"not
+    measured"`` (the user set the wait policy, or the process did not start at an entry point)."""
+    others = _probe.get("others")
+    return "not measured" if others is None else f"{others:.1f}"
 
 
 def share_cores(workers: int) -> None:
