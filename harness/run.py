@@ -252,17 +252,19 @@ def _record_failure(uploads: Uploads, e: BaseException) -> None:
 def _log_start(tracker: Tracker, spec: Spec, parts: Parts) -> None:
     d = parts.data
     tags = {}
-    if spec.train.sanity_check:
-        problems = sanity_check(parts.model, next(iter(d.train)), parts.optimizer)
-        for p in problems:
-            log.warning("sanity check: %s", p)
-        tags["sanity_check"] = "; ".join(problems) or "ok"
-    # One request for every param and tag: against a tracking server each request costs 50 ms or more.
-    tracker.log_params({**spec.params(), **{f"data.size.{k}": v for k, v in d.sizes.items()},
-                        "data.num_classes": d.num_classes, "train.threads_used": parts.threads,
-                        "train.omp_wait_policy": wait_policy(),
-                        "train.cores_busy_at_start": busy_at_start(),
-                        "train.others_running_at_start": others_at_start()}, tags)
+    try:
+        if spec.train.sanity_check:
+            problems = sanity_check(parts.model, next(iter(d.train)), parts.optimizer)
+            for p in problems:
+                log.warning("sanity check: %s", p)
+            tags["sanity_check"] = "; ".join(problems) or "ok"
+    finally:  # a model that fails its first step still leaves a run with its params
+        # One request for every param and tag: against a tracking server each costs 50 ms or more.
+        tracker.log_params({**spec.params(), **{f"data.size.{k}": v for k, v in d.sizes.items()},
+                            "data.num_classes": d.num_classes, "train.threads_used": parts.threads,
+                            "train.omp_wait_policy": wait_policy(),
+                            "train.cores_busy_at_start": busy_at_start(),
+                            "train.others_running_at_start": others_at_start()}, tags)
     tracker.log_text(spec.to_yaml(), "spec.yaml")
     splits = []
     for split, context in (("val", "validation"), ("test", "test")):

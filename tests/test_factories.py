@@ -49,6 +49,21 @@ def wrong_head(input_shape, num_classes):
 def bad_forward(input_shape, num_classes):
     return nn.Linear(5, num_classes)
 
+class _NoBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("this layer has no backward")
+
+class NoBackward(nn.Module):
+    def forward(self, x):
+        return _NoBackward.apply(x)
+
+def bad_backward(input_shape, num_classes):
+    return nn.Sequential(net(input_shape, num_classes), NoBackward())
+
 def blobs(n=240, classes=3, channels=2, size=6, labels_offset=0, seed=0, nan=False, as_numpy=False):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, classes, n)
@@ -139,6 +154,20 @@ def test_own_model_and_data_train(project):
     assert t.params["model.args.width"] == 16 and t.params["data.args.classes"] == 4
     assert t.params["data.num_classes"] == 4  # largest label + 1, logged by the run
     assert t.datasets[0]["source"] == f"{project.name}:blobs(classes=4)"
+
+
+def test_a_model_whose_first_step_fails_leaves_a_failed_run_with_its_params(project):
+    """The first backward (the sanity step) raises: the run ends FAILED, and its params, the spec's
+    and the run's own, are there to tell what was run."""
+    from harness.run import run
+    from harness.tracking.tracker import MemoryTracker
+
+    t = MemoryTracker()
+    with pytest.raises(RuntimeError, match="no backward"):
+        run(project("train.sanity_check=true", arch="bad_backward"), tracker=t, progress=False)
+    assert t.status == "FAILED"
+    assert t.params["model.arch"].endswith(":bad_backward") and "train.threads_used" in t.params
+    assert "sanity_check" not in t.tags
 
 
 @pytest.mark.parametrize("loader", ["memory", "dataloader"])
