@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -36,6 +37,28 @@ def test_threads_left_is_the_share_cut_to_the_free_cores(share, busy, n_cores, e
     (0.0, 3, 2, True)])  # more threads than cores
 def test_waiting_threads_sleep_when_other_tasks_leave_too_few_free_cores(others, threads, n_cores, sleeps):
     assert device.sleep_while_waiting(others, threads, n_cores) is sleeps
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1.20 1.31 1.40 3/213 4242\n", 2.0),  # this reader and two others
+    ("0.00 0.01 0.05 1/98 77\n", 0.0),
+    ("0.00 0.00 0.00 0/0 0\n", None),  # a sandbox that counts nothing: unknown, so the threads sleep
+    ("garbage\n", None), ("", None)])
+def test_the_probe_reads_the_running_tasks_of_proc_loadavg(tmp_path, text, expected):
+    (tmp_path / "loadavg").write_text(text)
+    assert device.others_running(str(tmp_path / "loadavg")) == expected
+    assert device.others_running(str(tmp_path / "missing")) is None
+
+
+def test_the_probe_sees_a_busy_neighbour_at_once():
+    """A process started just before: no lag (the load averages would take a minute to notice it)."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # let it start spinning
+        assert device.others_running() >= 0.9
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def _train(tmp_path, *args: str, env: dict, busy_neighbours: int = 0):

@@ -90,19 +90,23 @@ def sleep_while_waiting(others: float | None, threads: int, n_cores: int | None 
     return others is None or (n_cores or cores()) - others < threads - 0.5
 
 
-def others_running() -> float | None:
+def others_running(path: str = "/proc/loadavg") -> float | None:
     """Tasks other than this one that are running or waiting to run on the machine, averaged over
-    ~20 ms (the 4th field of ``/proc/loadavg``); None where that file does not exist."""
+    ~20 ms (the 4th field of ``/proc/loadavg``, ``running/total``); None where that file does not exist
+    or cannot be right (a sandbox's that counts no running task while this one reads it)."""
     counts = []
     for i in range(RUNNABLE_READS):
         try:
-            with open("/proc/loadavg") as f:
-                counts.append(int(f.read().split()[3].split("/")[0]) - 1)  # minus this reader
+            with open(path) as f:
+                running = int(f.read().split()[3].split("/")[0])
         except (OSError, IndexError, ValueError):
             return None
+        if running < 1:
+            return None
+        counts.append(running - 1)  # minus this reader
         if i + 1 < RUNNABLE_READS:
             time.sleep(RUNNABLE_GAP_S)
-    return max(0.0, sum(counts) / len(counts))
+    return sum(counts) / len(counts)
 
 
 def others_at_start() -> str:
