@@ -93,11 +93,11 @@ class MlflowTracker:
 
         items = [Param(k, param_str(v)) for k, v in params.items()]
         extra = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-        with_params = extra if len(extra) <= self.MAX_TAGS else []
+        riding = extra if items and len(extra) <= self.MAX_TAGS else []  # the tags sent with the params
         for i in range(0, len(items), self.MAX_PARAMS):
             self.client.log_batch(self.run_id, params=items[i:i + self.MAX_PARAMS],
-                                  tags=with_params if i == 0 else [], synchronous=True)
-        if extra and not (items and with_params):
+                                  tags=riding if i == 0 else [], synchronous=True)
+        if extra and not riding:
             self.set_tags(tags)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
