@@ -129,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sweep of {args.trials} trials x {args.epochs} epochs ({Path(args.spec).name}, random sampler, "
           f"no pruner) on {cores} cores; load average {os.getloadavg()[0]:.1f} at start")
     print(f"servers: optuna {mask_url(pg)}, mlflow {mask_url(server)}")
+    from harness.tracking.store import keepalive_delay
+
+    chosen = os.environ.get("HARNESS_MLFLOW_NEW_CONNECTIONS")
+    print(f"mlflow server: a request on a kept-alive connection {1000 * keepalive_delay(server):+.0f} ms "
+          f"against one on a new connection (~+40 ms: its uvicorn workers lack TCP_NODELAY); "
+          + (f"HARNESS_MLFLOW_NEW_CONNECTIONS={chosen} set" if chosen else "the harness chooses"))
     print(f"command: python benchmarks/scale.py {' '.join(shlex.quote(a) for a in (argv or sys.argv[1:]))}",
           flush=True)
     configs = [("local", k) for k in args.local_workers] + [("servers", k) for k in args.workers]

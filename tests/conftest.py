@@ -23,6 +23,18 @@ prepare_threads()
 # start (a subprocess inherits it). A test that checks system metrics turns it back on.
 os.environ["MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"] = "false"
 
+
+@pytest.fixture(autouse=True)
+def _tracking_server_probed_per_test():
+    """The harness records its probe of a tracking server in HARNESS_MLFLOW_NEW_CONNECTIONS for the
+    command's child processes: one test's server must not decide for the next test's."""
+    before = os.environ.pop("HARNESS_MLFLOW_NEW_CONNECTIONS", None)
+    yield
+    os.environ.pop("HARNESS_MLFLOW_NEW_CONNECTIONS", None)
+    if before is not None:
+        os.environ["HARNESS_MLFLOW_NEW_CONNECTIONS"] = before
+
+
 # Tiny, fast settings for the offline digits set: a handful of quick epochs.
 TINY = ["train.epochs=2", "train.log_model=false", "train.sanity_check=false", "guard=warn"]
 

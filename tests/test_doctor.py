@@ -2,6 +2,7 @@
 The same checks against real PostgreSQL and an mlflow server are in test_postgres.py."""
 from __future__ import annotations
 
+import contextlib
 import platform
 import socket
 import sqlite3
@@ -156,3 +157,104 @@ def test_sweep_check_storage_runs_the_doctor(tmp_path):
     assert good.returncode == 0, good.stdout + good.stderr
     assert "storage doctor: no problems" in good.stdout
     assert not (tmp_path / "mlflow.db").exists()  # the doctor writes nothing
+
+
+@pytest.fixture(scope="module")
+def uvicorn_servers(tmp_path_factory):
+    """Two real uvicorn servers of tests/http_app.py: {workers: URL} for 1 and 2 workers."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    procs, urls = [], {}
+    log = tmp_path_factory.mktemp("uvicorn")
+    try:
+        for workers in (1, 2):
+            port = _free_port()
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "http_app:app", "--app-dir", str(Path(__file__).parent),
+                 "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), "--log-level",
+                 "warning"], stdout=open(log / f"{workers}.log", "w"), stderr=subprocess.STDOUT,
+                start_new_session=True))
+            urls[workers] = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        for url in urls.values():
+            while True:
+                try:
+                    urllib.request.urlopen(url + "/health", timeout=2).read()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, (log / "2.log").read_text()
+                    time.sleep(0.2)
+        yield urls
+    finally:
+        import os
+        import signal
+
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=30)
+
+
+def test_the_delay_of_a_server_whose_workers_lack_tcp_nodelay_is_found(uvicorn_servers):
+    """uvicorn with --workers 2 (mlflow server's default is 4) answers every request on a kept-alive
+    connection after the client's delayed ACK, ~40 ms; with one worker it does not. The doctor says so in
+    one warning line, and what to do."""
+    from harness.tracking import store
+
+    assert store.keepalive_delay(uvicorn_servers[2]) > 0.03
+    line = store.slow_keepalive(uvicorn_servers[2])
+    assert line is not None and "--workers 1" in line and "TCP_NODELAY" in line and "\n" not in line
+    assert "new connection for each request" in line
+    r = doctor.check_mlflow(uvicorn_servers[2])
+    assert r.problems == [] and len(r.warnings) == 1 and "kept-alive" in r.warnings[0], r
+    # One worker: no delay. The least of three probes, so that a busy machine's hiccup is not a finding.
+    assert min(store.keepalive_delay(uvicorn_servers[1]) for _ in range(3)) < 0.02
+    assert doctor.check_mlflow(uvicorn_servers[1]).warnings == []
+
+
+def test_a_local_store_or_a_dead_server_is_not_probed():
+    from harness.tracking import store
+
+    assert store.slow_keepalive("sqlite:///mlflow.db") is None
+    assert store.slow_keepalive(f"http://127.0.0.1:{_free_port()}") is None
+
+
+_PORTS = """
+import os, sys
+from mlflow.utils.rest_utils import MlflowHostCreds, http_request
+from harness.tracking import store
+store.setup_mlflow()  # probes the server once, as every command does
+creds = MlflowHostCreds(os.environ["MLFLOW_TRACKING_URI"])
+print(os.environ.get("HARNESS_MLFLOW_NEW_CONNECTIONS"), *(http_request(creds, "/p", "GET").text for _ in range(4)))
+"""
+
+
+@pytest.mark.parametrize("workers, preset, new_connections", [(2, None, True), (1, None, False),
+                                                              (2, "0", False)])
+def test_requests_open_a_new_connection_only_against_a_server_that_delays_kept_alive_ones(
+        uvicorn_servers, tmp_path, workers, preset, new_connections):
+    """MLflow's own ``http_request`` in a new process pointed at the server: against the 2-worker
+    uvicorn each request comes from a new client port (``Connection: close`` from the harness's MLflow
+    plugin, registered by pyproject.toml's entry point), with one warning line at the start; against one
+    worker, or when the user set ``HARNESS_MLFLOW_NEW_CONNECTIONS=0``, one kept-alive connection."""
+    env = {"MLFLOW_TRACKING_URI": uvicorn_servers[workers]}
+    if preset is not None:
+        env["HARNESS_MLFLOW_NEW_CONNECTIONS"] = preset
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = subprocess.run([sys.executable, "-c", _PORTS], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    flag, *ports = out.stdout.split()
+    assert flag == ("1" if new_connections else "0")
+    assert len(set(ports)) == (4 if new_connections else 1), ports
+    warned = [line for line in out.stderr.splitlines() if "kept-alive" in line]
+    assert len(warned) == (1 if new_connections else 0), out.stderr

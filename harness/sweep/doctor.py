@@ -85,6 +85,9 @@ def _check_mlflow_server(uri: str, name: str) -> Report:
                           f"(HTTP {resp.status_code}): is its backend database up?")
     else:
         r.ok.append(f"{name}: tracking server reachable, its backend store answers")
+        slow = store.slow_keepalive(uri)
+        if slow:
+            r.warnings.append(slow)
     return r
 
 

@@ -7,6 +7,7 @@ overrides it. (The Optuna side of a sweep is ``harness.sweep.storage``.)
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import urllib.parse
 import urllib.request
@@ -98,6 +99,68 @@ def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
                      f"start it (see README 'Scaling out') or unset MLFLOW_TRACKING_URI")
 
 
+def keepalive_delay(uri: str, n: int = 5) -> float:
+    """Seconds a request to tracking server ``uri`` waits on a kept-alive connection beyond one on a new
+    connection (medians of ``n`` ``/health`` requests each). About 0.04 where the server's sockets lack
+    TCP_NODELAY: uvicorn with ``--workers`` above 1, which ``mlflow server`` runs by default (4), binds
+    its socket so that asyncio leaves Nagle's algorithm on (uvicorn issue #3149); each response's last
+    segment then waits for the client's delayed ACK, 40 ms on Linux, at every request after a
+    connection's first."""
+    import statistics
+    import time
+
+    import requests
+
+    url = split_credentials(uri)[0].rstrip("/") + "/health"
+
+    def median_s(get) -> float:
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            get().raise_for_status()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    with requests.Session() as s:
+        s.get(url, timeout=5)  # opens the connection the timed requests reuse
+        kept = median_s(lambda: s.get(url, timeout=5))
+    fresh = median_s(lambda: requests.get(url, timeout=5, headers={"Connection": "close"}))
+    return kept - fresh
+
+
+def slow_keepalive(uri: str, threshold_s: float = 0.02) -> str | None:
+    """One line when tracking server ``uri`` delays requests on kept-alive connections (see
+    :func:`keepalive_delay`), else None (also for local stores, and when the probe cannot run)."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        delay = keepalive_delay(uri)
+        if delay >= threshold_s:  # measured again: a busy machine's hiccup is not a finding
+            delay = min(delay, keepalive_delay(uri))
+    except Exception:  # unreachable or refusing /health: other checks say so
+        return None
+    if delay < threshold_s:
+        return None
+    return (f"the tracking server {mask_url(uri)} answers every request on a kept-alive connection "
+            f"{1000 * delay:.0f} ms late (its uvicorn workers run without TCP_NODELAY: `mlflow server "
+            f"--workers N` with N > 1, uvicorn issue #3149); the harness opens a new connection for each "
+            f"request instead; faster still: start it with --workers 1, as scripts/servers.sh does")
+
+
+def choose_connections(uri: str) -> None:
+    """Once per command (its worker processes inherit the answer): against a tracking server that
+    answers kept-alive connections late, MLflow's requests each open a new one
+    (:mod:`harness.tracking.connections`). ``HARNESS_MLFLOW_NEW_CONNECTIONS`` set by the user wins."""
+    from harness.tracking.connections import ENV
+
+    if not uri.startswith(("http://", "https://")) or ENV in os.environ:
+        return
+    slow = slow_keepalive(uri)
+    os.environ[ENV] = "1" if slow else "0"
+    if slow:
+        logging.getLogger("harness.tracking").warning("%s", slow)
+
+
 def tracking_server_down() -> bool:
     """True when the tracking URI is a server that does not answer /health now (a local store: never)."""
     try:
@@ -119,6 +182,7 @@ def setup_mlflow() -> str:
     uri = tracking_uri()
     check_tracking_uri(uri)
     check_tracking_server(uri)
+    choose_connections(uri)
     if "DATABRICKS_RUNTIME_VERSION" not in os.environ:
         # Off Databricks, MLflow's lookup of a Databricks job to resume imports IPython at every
         # start_run (~0.5 s of each command's start-up) to find nothing.
