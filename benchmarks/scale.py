@@ -156,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             _row(r)
     _ratios(results)
+    if ("servers", 1) in runs and ("local", 1) in runs:  # the goal: within 2x of the local stores
+        per_round = sorted(s.overhead_s / l.overhead_s for s, l in zip(runs[("servers", 1)], runs[("local", 1)]))
+        print(f"bookkeeping per trial, servers / local stores (1 worker, goal <= 2x): "
+              f"{statistics.median(per_round):.2f}x (rounds {per_round[0]:.2f}-{per_round[-1]:.2f}x)")
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 

@@ -259,7 +259,7 @@ def _log_start(tracker: Tracker, spec: Spec, parts: Parts) -> None:
                 log.warning("sanity check: %s", p)
             tags["sanity_check"] = "; ".join(problems) or "ok"
     finally:  # a model that fails its first step still leaves a run with its params
-        # One request for every param and tag: against a tracking server each costs 50 ms or more.
+        # One request for every param and tag: against a tracking server each is a round trip.
         tracker.log_params({**spec.params(), **{f"data.size.{k}": v for k, v in d.sizes.items()},
                             "data.num_classes": d.num_classes, "train.threads_used": parts.threads,
                             "train.omp_wait_policy": wait_policy(),

@@ -1,7 +1,8 @@
 """What a run sends to its store, and when. Its buffered metrics, the mode guard's tags and ledger, and
 its checkpoints go out together every ``train.upload_every_s`` seconds (0: every epoch) and when the run
-ends, however it ends: a request to a tracking server costs 50-250 ms, far more than a small model's
-epoch, and a sweep's trial would otherwise spend most of its time uploading (README "Scaling out").
+ends, however it ends: a request to a tracking server is a round trip (5-15 ms on this machine, 50-250
+ms with a delayed ACK or a distant server), often more than a small model's epoch, and a sweep's trial
+would otherwise spend most of its time uploading (README "Scaling out").
 
 Every epoch's checkpoint is written locally (``last.pt``; ``best.pt`` on improvement). An upload sends,
 in this order, the metrics, the ledger page and the guard's tags, ``best.pt`` if it changed, then
