@@ -377,6 +377,45 @@ def _other_machine() -> list[str]:
     return prefix if ok.returncode == 0 and ok.stdout.strip() == "harness-other-machine" else []
 
 
+def test_commands_of_one_sweep_tag_its_parent_run_at_once(server_env):
+    """The sweep commands of one study start together and each marks the parent run RUNNING with its
+    sampler and pruner tags. The server's set_tag reads, then inserts: the second of two at once died on
+    a duplicate key (found by the three-worker test above). Eight at once, ten times: all succeed."""
+    import threading
+    import types
+
+    from mlflow import MlflowClient
+
+    from harness.sweep import parent
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("tags-at-once") or client.get_experiment(
+        client.create_experiment("tags-at-once"))
+    errors = []
+
+    def mark(ctx, start) -> None:
+        start.wait()
+        try:
+            parent.set_parent_status(ctx, "RUNNING")
+        except Exception as e:
+            errors.append(e)
+
+    for _ in range(10):  # the race's window is a few milliseconds: ten new parent runs
+        run_id = client.create_run(exp.experiment_id).info.run_id
+        ctx = types.SimpleNamespace(parent_run_id=run_id, study_name="tags-at-once", sampler="tpe",
+                                    pruner="median")
+        start = threading.Barrier(8)
+        threads = [threading.Thread(target=mark, args=(ctx, start)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert errors == []
+        run = client.get_run(run_id)
+        assert run.info.status == "RUNNING"
+        assert (run.data.tags["sweep.sampler"], run.data.tags["sweep.pruner"]) == ("tpe", "median")
+
+
 def test_sigkilled_worker_trial_goes_stale_is_retried_and_its_run_ends_killed(servers, server_env,
                                                                               tmp_path):
     """Worker A ("another machine") is SIGKILLed mid-trial. Its heartbeat stops; worker B fails the

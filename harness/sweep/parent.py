@@ -93,9 +93,13 @@ def set_parent_status(ctx: Context, status: str) -> None:
     if store.tracking_server_down():  # one line now, not minutes of MLflow's retries and a traceback
         raise store.server_gone_error(f"before the parent run sweep:{ctx.study_name} could be marked "
                                        f"{status}")
+    from mlflow.entities import RunTag
+
     client = MlflowClient()
-    client.set_tag(ctx.parent_run_id, "sweep.sampler", ctx.sampler)
-    client.set_tag(ctx.parent_run_id, "sweep.pruner", ctx.pruner)
+    # log_batch, not set_tag: two commands of one sweep start together and tag the same parent run, and
+    # a server's set_tag is a read then an insert (a duplicate-key error for the second); log_batch retries.
+    client.log_batch(ctx.parent_run_id, tags=[RunTag("sweep.sampler", ctx.sampler),
+                                              RunTag("sweep.pruner", ctx.pruner)], synchronous=True)
     if status == "RUNNING":
         client.update_run(ctx.parent_run_id, status="RUNNING")
     else:

@@ -4,6 +4,7 @@ on the parent MLflow run (its description, progress curves, the best trial tagge
 CSV, Optuna's plots as PNG)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -157,13 +158,18 @@ def _progress(ctx, client) -> list:
 
 def _mark_best(ctx, client, best_run: str) -> None:
     """Tag ``sweep.best = true`` on the best trial's run, and on no other (the best may change)."""
+    from mlflow.entities import RunTag
+    from mlflow.exceptions import MlflowException
+
     marked = client.search_runs([ctx.experiment_id], max_results=100, filter_string=(
         f"tags.mlflow.parentRunId = '{ctx.parent_run_id}' and tags.`sweep.best` = 'true'"))
     for r in marked:
         if r.info.run_id != best_run:
-            client.delete_tag(r.info.run_id, "sweep.best")
+            with contextlib.suppress(MlflowException):  # already removed by another command's summary
+                client.delete_tag(r.info.run_id, "sweep.best")
     if best_run and best_run not in {r.info.run_id for r in marked}:
-        client.set_tag(best_run, "sweep.best", "true")
+        # log_batch, not set_tag: two commands' summaries may tag it at once (see parent.set_parent_status)
+        client.log_batch(best_run, tags=[RunTag("sweep.best", "true")], synchronous=True)
 
 
 def _trials_csv(ctx, path: Path) -> None:
