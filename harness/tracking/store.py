@@ -144,7 +144,8 @@ def slow_keepalive(uri: str, threshold_s: float = 0.02) -> str | None:
     return (f"the tracking server {mask_url(uri)} answers every request on a kept-alive connection "
             f"{1000 * delay:.0f} ms late (its uvicorn workers run without TCP_NODELAY: `mlflow server "
             f"--workers N` with N > 1, uvicorn issue #3149); the harness opens a new connection for each "
-            f"request instead; faster still: start it with --workers 1, as scripts/servers.sh does")
+            f"request instead; across a network, better: start it with --workers 1, as scripts/servers.sh "
+            f"does")
 
 
 def choose_connections(uri: str) -> None:
