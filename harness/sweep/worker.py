@@ -127,6 +127,7 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
     def on_epoch(epoch: int, metrics: dict) -> None:
         if seen["epochs"] == 0:
             trial.set_user_attr("mlflow_run_id", tracker.run_id)
+            seen["run_id"] = tracker.run_id
         seen["epochs"] = epoch
         if metric not in metrics:
             raise UserError(f"search.metric {metric!r} is not a per-epoch metric of this run; "
@@ -136,7 +137,8 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
             raise Diverged(f"{metric} is {value} at epoch {epoch}")
         trial.report(value, epoch)
         # The last epoch is never pruned: it is already paid for, and a whole curve teaches more.
-        if epoch < last_epoch and trial.should_prune():
+        # (should_prune reads the trial back from the storage: a query per epoch, for no pruner too)
+        if epoch < last_epoch and ctx.pruner != "none" and trial.should_prune():
             raise Stopped(f"pruned by the {ctx.pruner} pruner at epoch {epoch}")
 
     created_name = parent.trial_run_name(n, TrialState.RUNNING)
@@ -197,10 +199,14 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
     run_id = tracker.run_id if tracker is not None else None
     try:
         pruned = state == TrialState.PRUNED and not reason.startswith("diverged")
-        for key, v in {"mlflow_run_id": run_id or "", "epochs": seen["epochs"], "seconds": round(seconds, 2),
-                       "failure_reason": "" if pruned else reason, "stopped_early": reason if pruned else ""
-                       }.items():
-            trial.set_user_attr(key, v)
+        attrs = {"mlflow_run_id": run_id or "", "epochs": seen["epochs"], "seconds": round(seconds, 2),
+                 "failure_reason": "" if pruned else reason, "stopped_early": reason if pruned else ""}
+        # What the trial already holds ("" since it was asked for, the run id since epoch 1) is not
+        # written again: each attribute is a transaction of its own on a database storage.
+        held = {"mlflow_run_id": seen.get("run_id", ""), "failure_reason": "", "stopped_early": ""}
+        for key, v in attrs.items():
+            if key not in held or held[key] != v:
+                trial.set_user_attr(key, v)
         failpoints.reach("before_trial_told")
         ctx.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
         failpoints.reach("after_trial_told")
