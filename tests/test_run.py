@@ -206,7 +206,7 @@ def test_logging_the_model_does_not_load_lightning():
     """mlflow.pytorch imports Lightning (2.5-4 s) for an autologging callback the harness never uses;
     the tracker imports it without, and the callback still imports when someone asks for it."""
     pytest.importorskip("pytorch_lightning")
-    code = ("import sys; from harness.tracking.mlflow_tracker import _mlflow_pytorch; m = _mlflow_pytorch(); "
+    code = ("import sys; from harness.tracking.logged_models import mlflow_pytorch; m = mlflow_pytorch(); "
             "assert callable(m.log_model) and callable(m.load_model); "
             "assert 'pytorch_lightning' not in sys.modules and 'lightning' not in sys.modules, 'loaded'; "
             "import mlflow.pytorch._lightning_autolog as cb; print(cb.MlflowModelCheckpointCallback.__name__)")
@@ -231,6 +231,24 @@ def test_an_exception_ends_the_run_in_a_final_state(fast_store, exc, status):
     assert r.info.status == status
     assert "val/acc" in r.data.metrics  # what was measured before the failure is kept
     assert mlflow.active_run() is None
+
+
+def test_a_run_after_its_experiment_was_deleted_lands_in_it_restored(fast_store):
+    """A process looks the experiment up once (a request per run to a tracking server otherwise): when a
+    user deletes the experiment between two runs of one process, the next run finds it again, restored."""
+    from mlflow import MlflowClient
+
+    from harness.run import run
+
+    spec = _tiny()
+    first = run(spec, progress=False).run_id
+    client = MlflowClient(fast_store)
+    exp_id = client.get_run(first).info.experiment_id
+    client.delete_experiment(exp_id)
+    second = run(spec, progress=False).run_id
+    assert client.get_run(second).info.experiment_id == exp_id
+    assert client.get_experiment(exp_id).lifecycle_stage == "active"
+    assert {r.info.status for r in all_runs(fast_store)} == {"FINISHED"}
 
 
 def test_stopped_ends_finished_with_its_curves(fast_store):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -21,6 +21,7 @@ from harness.cli import sigterm_as_interrupt, temp_env
 from harness.core.loop import Diverged, Stopped
 from harness.errors import UserError
 from harness.tracking import store, sysmetrics
+from harness.tracking.logged_models import ready
 from harness.tracking.tracker import RunSnapshot, final_status, param_str
 
 log = logging.getLogger("harness.tracking")
@@ -37,7 +38,7 @@ class MlflowTracker:
     def __init__(self, run_id: str | None = None):
         store.setup_mlflow()  # checked here; a local store is created by the first run, not before
         self.run_id = run_id
-        self._client = None
+        self._client = self._repo = self._artifact_uri = None
         self._metrics: list = []
 
     @property
@@ -61,17 +62,27 @@ class MlflowTracker:
         ``system_metrics`` None: on unless ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false``."""
         import mlflow
 
-        with _server_gone_is_clear(self), sigterm_as_interrupt():
+        from mlflow.exceptions import MlflowException
+
+        def begin(again: bool = False):
             # System metrics are sampled here (harness.tracking.sysmetrics), not by MLflow's start_run:
             # its monitor drops the samples of the last interval, so short runs had none.
-            active = mlflow.start_run(
+            return mlflow.start_run(
                 run_id=self.run_id if resume else None,
-                experiment_id=None if resume else store.experiment_id(experiment),
+                experiment_id=None if resume else store.experiment_id(experiment, again=again),
                 run_name=None if resume else run_name, parent_run_id=parent_run_id,
                 nested=parent_run_id is not None,
                 tags=None if resume else {k: str(v) for k, v in (tags or {}).items()},
                 log_system_metrics=False)
-            self.run_id = active.info.run_id
+
+        with _server_gone_is_clear(self), sigterm_as_interrupt():
+            try:
+                active = begin()
+            except MlflowException as e:  # the experiment this process knew was deleted since
+                if resume or e.error_code not in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
+                    raise
+                active = begin(again=True)
+            self.run_id, self._artifact_uri = active.info.run_id, active.info.artifact_uri
             if resume:
                 self._discard_unfinished_models()
             else:
@@ -119,10 +130,23 @@ class MlflowTracker:
         self.log_text(json.dumps(data, indent=2, sort_keys=True, default=str), artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        with tempfile.TemporaryDirectory(prefix="harness-artifact-") as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            path.write_text(text, encoding="utf-8")
+            self.log_artifact(path, str(Path(artifact_file).parent).strip(".") or None)
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+        self._artifacts().log_artifact(str(local_path), artifact_path)
+
+    def _artifacts(self):
+        """The run's artifact repository, from the artifact URI its start returned (MlflowClient asks the
+        store for the run again first: a request to a tracking server per run)."""
+        if self._repo is None:
+            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+            uri = self._artifact_uri or self.client.get_run(self.run_id).info.artifact_uri
+            self._repo = get_artifact_repository(uri, tracking_uri=store.tracking_uri())
+        return self._repo
 
     def flush(self) -> None:
         pending, self._metrics = self._metrics, []
@@ -137,7 +161,7 @@ class MlflowTracker:
             steps = [m.step for m in self.client.get_metric_history(self.run_id, key)]
             last[key] = max(steps) if steps else 0
         return RunSnapshot(run.info.status, dict(run.data.params), dict(run.data.tags), last,
-                           has_model=any(_ready(m) for m in self._models(run.info.experiment_id)))
+                           has_model=any(ready(m) for m in self._models(run.info.experiment_id)))
 
     def _models(self, experiment_id: str) -> list:
         return list(self.client.search_logged_models([experiment_id],
@@ -146,7 +170,7 @@ class MlflowTracker:
     def _discard_unfinished_models(self) -> None:
         """A model whose logging was cut short (the process died) is deleted; the resume logs it again."""
         for m in self._models(self.client.get_run(self.run_id).info.experiment_id):
-            if not _ready(m):
+            if not ready(m):
                 self.client.delete_logged_model(m.model_id)
 
     def reachable(self) -> bool:
@@ -171,48 +195,10 @@ class MlflowTracker:
             log.debug("dataset inputs not logged: %s", e)
 
     def log_model(self, model, input_example, params: dict[str, Any] | None = None) -> None:
-        """The final model as a LoggedModel named after its run (pickle format: MLflow 3's default pt2
-        export needs more), with the run's params, and its final val/* and test/* metrics linked to it
-        (each with the dataset it was measured on), so the experiment's Models page can rank models."""
-        import mlflow
-        import torch
+        """The final model as a LoggedModel (:func:`harness.tracking.logged_models.log_model`)."""
+        from harness.tracking.logged_models import log_model
 
-        name = model_name(mlflow.active_run().info.run_name or "model")
-        flavor = _mlflow_pytorch()
-        # The pickle format is chosen on purpose: MLflow's warning about it on every model is noise.
-        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # Explicit requirements: MLflow's inference of them imports the model in a subprocess (~6 s).
-            info = flavor.log_model(
-                model, name=name, input_example=input_example, serialization_format="pickle",
-                params={k: param_str(v) for k, v in (params or {}).items()} or None,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-        self._link_model_metrics(info.model_id)
-
-    def _link_model_metrics(self, model_id: str, keys=("val/acc", "val/loss", "test/acc", "test/loss")) -> None:
-        """The last value of each of ``keys`` logged again with the model's id and its dataset: the same
-        key, step, time and value, so the run's own history gains no point (MLflow keeps one row)."""
-        from mlflow.entities import Metric
-
-        run = self.client.get_run(self.run_id)
-        splits = {"validation": "val", "test": "test"}
-        data = {}
-        for d in run.inputs.dataset_inputs:
-            context = next((t.value for t in d.tags if t.key == "mlflow.data.context"), "")
-            if context in splits:
-                data[splits[context]] = (d.dataset.name, d.dataset.digest)
-        linked = []
-        for key in keys:
-            history = self.client.get_metric_history(self.run_id, key)
-            if not history:
-                continue
-            last = max(history, key=lambda m: (m.step, m.timestamp))
-            ds_name, ds_digest = data.get(key.split("/")[0], (None, None))
-            linked.append(Metric(key, last.value, last.timestamp, last.step, model_id=model_id,
-                                 dataset_name=ds_name, dataset_digest=ds_digest))
-        if linked:
-            self.client.log_batch(self.run_id, metrics=linked, synchronous=True)
+        log_model(self.client, self.run_id, model, input_example, params)
 
     def download_artifact(self, artifact_path: str, dst_dir: str | Path) -> Path:
         """One artifact of this run into ``dst_dir`` (no progress bar: a refusal stays one line)."""
@@ -261,32 +247,3 @@ def _server_gone_is_clear(tracker: MlflowTracker) -> Iterator[None]:
             f"during run {tracker.run_id} (what it logged before is kept there)",
             then=f"continue it with --resume {tracker.run_id} (a sweep: run the same command "
                  f"again)") from e
-
-
-def model_name(run_name: str) -> str:
-    """A LoggedModel's name from its run's (MLflow refuses / : . % and quotes in model names)."""
-    clean = "".join("-" if ch in '/:.%"\'' else ch for ch in run_name).strip("-")
-    return clean or "model"
-
-
-def _ready(model) -> bool:
-    return getattr(model.status, "value", model.status) == "READY"
-
-
-def _mlflow_pytorch():
-    """``mlflow.pytorch``, imported without its Lightning autologging callback: where Lightning is
-    installed, that import loads Lightning, torchmetrics and scipy.signal, 2.5-4 s of every run's end for a
-    class the harness never uses (``mlflow.pytorch.autolog`` imports Lightning itself when called). An
-    import that already happened, or the callback imported first by someone else, is left as it is."""
-    if "mlflow.pytorch" in sys.modules:
-        return sys.modules["mlflow.pytorch"]
-    callback = "mlflow.pytorch._lightning_autolog"
-    block = callback not in sys.modules
-    if block:
-        sys.modules[callback] = None  # its import raises ImportError, which mlflow.pytorch expects
-    try:
-        import mlflow.pytorch
-    finally:
-        if block and sys.modules.get(callback, "") is None:
-            del sys.modules[callback]
-    return mlflow.pytorch

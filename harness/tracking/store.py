@@ -237,9 +237,21 @@ def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
     return bare, urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password)
 
 
-def experiment_id(name: str) -> str:
+_known: dict[tuple[str, str, str], str] = {}  # (tracking URI, cwd, experiment name) -> id, in this process
+
+
+def experiment_id(name: str, *, again: bool = False) -> str:
     """The id of experiment ``name``, created if missing (artifacts under ./mlruns for local stores).
-    Safe when several processes create it at once."""
+    Safe when several processes create it at once. Looked up once per process (each lookup is a request
+    to a tracking server: once per trial otherwise); ``again``: look it up anew, as when a run could not
+    be created in the id known (the experiment was deleted since)."""
+    key = (tracking_uri(), os.getcwd(), name)  # a relative sqlite:/// path depends on the cwd
+    if again or key not in _known:
+        _known[key] = _lookup_experiment(name)
+    return _known[key]
+
+
+def _lookup_experiment(name: str) -> str:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
