@@ -4,6 +4,7 @@ checkpoints together. ``harness.train`` calls it for one run, ``harness.sweep`` 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import platform
@@ -35,7 +36,10 @@ from harness.uploads import Uploads
 log = logging.getLogger("harness.run")
 
 
+@functools.lru_cache(maxsize=None)
 def git_commit() -> str:
+    """The commit of the code this process runs, read once (it loaded its modules when it started; a
+    subprocess per trial or arm otherwise)."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
@@ -159,7 +163,7 @@ def _tracked(spec: Spec, parts: Parts, tracker: Tracker, guard: ModeGuard | None
                 if point.changes and point.has_params:
                     tracker.log_text(spec.to_yaml(), "spec.yaml")
             if not point.has_params:  # a new run, or one killed before it logged them
-                with signals_deferred():
+                with signals_deferred(), tracker.in_background():  # sent while the first epoch trains
                     _log_start(tracker, spec, parts)
             result = train_epochs(spec, parts, log, guard, point, on_epoch, progress, uploads)
             failpoints.reach("after_last_epoch")

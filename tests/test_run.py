@@ -233,24 +233,6 @@ def test_an_exception_ends_the_run_in_a_final_state(fast_store, exc, status):
     assert mlflow.active_run() is None
 
 
-def test_a_run_after_its_experiment_was_deleted_lands_in_it_restored(fast_store):
-    """A process looks the experiment up once (a request per run to a tracking server otherwise): when a
-    user deletes the experiment between two runs of one process, the next run finds it again, restored."""
-    from mlflow import MlflowClient
-
-    from harness.run import run
-
-    spec = _tiny()
-    first = run(spec, progress=False).run_id
-    client = MlflowClient(fast_store)
-    exp_id = client.get_run(first).info.experiment_id
-    client.delete_experiment(exp_id)
-    second = run(spec, progress=False).run_id
-    assert client.get_run(second).info.experiment_id == exp_id
-    assert client.get_experiment(exp_id).lifecycle_stage == "active"
-    assert {r.info.status for r in all_runs(fast_store)} == {"FINISHED"}
-
-
 def test_stopped_ends_finished_with_its_curves(fast_store):
     from harness.core.loop import Stopped
     from harness.run import run

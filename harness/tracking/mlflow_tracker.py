@@ -14,7 +14,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ContextManager, Iterator
 
 from harness import failpoints
 from harness.cli import sigterm_as_interrupt, temp_env
@@ -22,6 +22,7 @@ from harness.core.loop import Diverged, Stopped
 from harness.errors import UserError
 from harness.tracking import store, sysmetrics
 from harness.tracking.logged_models import ready
+from harness.tracking.sender import Sender
 from harness.tracking.tracker import RunSnapshot, final_status, param_str
 
 log = logging.getLogger("harness.tracking")
@@ -40,6 +41,7 @@ class MlflowTracker:
         self.run_id = run_id
         self._client = self._repo = self._artifact_uri = None
         self._metrics: list = []
+        self._send = Sender()  # requests to the store: now, or in the background in order
 
     @property
     def client(self):
@@ -95,7 +97,10 @@ class MlflowTracker:
                 error = e
                 raise
             finally:
-                _end_run(final_status(error))
+                late = self._send.settle(quietly=error is not None)
+                _end_run(final_status(error or late))
+                if late is not None and error is None:
+                    raise late
 
     # -- logging ---------------------------------------------------------------------------------
     def log_params(self, params: dict[str, Any], tags: dict[str, Any] | None = None) -> None:
@@ -106,8 +111,8 @@ class MlflowTracker:
         extra = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
         riding = extra if items and len(extra) <= self.MAX_TAGS else []  # the tags sent with the params
         for i in range(0, len(items), self.MAX_PARAMS):
-            self.client.log_batch(self.run_id, params=items[i:i + self.MAX_PARAMS],
-                                  tags=riding if i == 0 else [], synchronous=True)
+            self._send(self.client.log_batch, self.run_id, params=items[i:i + self.MAX_PARAMS],
+                       tags=riding if i == 0 else [], synchronous=True)
         if extra and not riding:
             self.set_tags(tags)
 
@@ -124,19 +129,22 @@ class MlflowTracker:
 
         items = [RunTag(k, str(v)) for k, v in tags.items()]
         for i in range(0, len(items), self.MAX_TAGS):
-            self.client.log_batch(self.run_id, tags=items[i:i + self.MAX_TAGS], synchronous=True)
+            self._send(self.client.log_batch, self.run_id, tags=items[i:i + self.MAX_TAGS], synchronous=True)
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         self.log_text(json.dumps(data, indent=2, sort_keys=True, default=str), artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        with tempfile.TemporaryDirectory(prefix="harness-artifact-") as tmp:
-            path = Path(tmp) / Path(artifact_file).name
-            path.write_text(text, encoding="utf-8")
-            self.log_artifact(path, str(Path(artifact_file).parent).strip(".") or None)
+        def put() -> None:
+            with tempfile.TemporaryDirectory(prefix="harness-artifact-") as tmp:
+                path = Path(tmp) / Path(artifact_file).name
+                path.write_text(text, encoding="utf-8")
+                self._artifacts().log_artifact(str(path), str(Path(artifact_file).parent).strip(".") or None)
+
+        self._send(put)
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        self._artifacts().log_artifact(str(local_path), artifact_path)
+        self._send(lambda: self._artifacts().log_artifact(str(local_path), artifact_path))
 
     def _artifacts(self):
         """The run's artifact repository, from the artifact URI its start returned (MlflowClient asks the
@@ -151,9 +159,17 @@ class MlflowTracker:
     def flush(self) -> None:
         pending, self._metrics = self._metrics, []
         for i in range(0, len(pending), self.MAX_METRICS):
-            self.client.log_batch(self.run_id, metrics=pending[i:i + self.MAX_METRICS], synchronous=True)
+            self._send(self.client.log_batch, self.run_id, metrics=pending[i:i + self.MAX_METRICS], synchronous=True)
+
+    def in_background(self) -> ContextManager[None]:
+        """What is logged inside goes out in the background (:class:`~harness.tracking.sender.Sender`)."""
+        return self._send.background()
+
+    def wait(self) -> None:
+        self._send.wait()
 
     def snapshot(self) -> RunSnapshot:
+        self.wait()
         store.require_existing(store.tracking_uri())
         run = self.client.get_run(self.run_id)
         last = {}
@@ -181,23 +197,30 @@ class MlflowTracker:
         """Splits ``(name, x, y, context)`` as the run's MLflow dataset inputs, in one request (a nicety:
         never fails the run). ``source``: an absolute path (the files the data was read from) or the code
         that made it (a factory call)."""
-        import mlflow
-        from mlflow.data.code_dataset_source import CodeDatasetSource
+        def put() -> None:
+            import mlflow
+            from mlflow.data.code_dataset_source import CodeDatasetSource
+            from mlflow.entities import DatasetInput, InputTag
+            from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "the source can be interpreted in multiple ways"
-                src = Path(source).as_uri() if Path(source).is_absolute() else \
-                    CodeDatasetSource({"mlflow.source.name": source, "mlflow.source.type": "LOCAL"})
-                sets = [mlflow.data.from_numpy(x, targets=y, name=name, source=src) for name, x, y, _ in splits]
-            mlflow.log_inputs(datasets=sets, contexts=[context for *_, context in splits], tags_list=[None] * len(sets))
-        except Exception as e:
-            log.debug("dataset inputs not logged: %s", e)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "the source can be interpreted in multiple ways"
+                    src = Path(source).as_uri() if Path(source).is_absolute() else \
+                        CodeDatasetSource({"mlflow.source.name": source, "mlflow.source.type": "LOCAL"})
+                    inputs = [DatasetInput(mlflow.data.from_numpy(x, targets=y, name=name, source=src)._to_mlflow_entity(),
+                                           [InputTag(MLFLOW_DATASET_CONTEXT, context)]) for name, x, y, context in splits]
+                self.client.log_inputs(self.run_id, datasets=inputs)
+            except Exception as e:
+                log.debug("dataset inputs not logged: %s", e)
+
+        self._send(put)
 
     def log_model(self, model, input_example, params: dict[str, Any] | None = None) -> None:
         """The final model as a LoggedModel (:func:`harness.tracking.logged_models.log_model`)."""
         from harness.tracking.logged_models import log_model
 
+        self.wait()
         log_model(self.client, self.run_id, model, input_example, params)
 
     def download_artifact(self, artifact_path: str, dst_dir: str | Path) -> Path:

@@ -1,0 +1,98 @@
+"""What the MLflow tracker asks the store, and when: the experiment looked up once per process, requests
+sent in the background while a run trains (in order, waited for at the run's end, their errors not
+lost), on a real SQLite store."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import ROOT, TINY, all_runs
+from harness.spec import load_spec
+
+DIGITS = str(ROOT / "experiments" / "digits_lenet.yaml")
+
+
+def _tiny(*extra):
+    return load_spec(DIGITS, TINY + ["train.checkpoint=false", "data.limit_train=300", *extra])
+
+
+def test_a_run_after_its_experiment_was_deleted_lands_in_it_restored(fast_store):
+    """A process looks the experiment up once (a request per run to a tracking server otherwise): when a
+    user deletes the experiment between two runs of one process, the next run finds it again, restored."""
+    from mlflow import MlflowClient
+
+    from harness.run import run
+
+    spec = _tiny()
+    first = run(spec, progress=False).run_id
+    client = MlflowClient(fast_store)
+    exp_id = client.get_run(first).info.experiment_id
+    client.delete_experiment(exp_id)
+    second = run(spec, progress=False).run_id
+    assert client.get_run(second).info.experiment_id == exp_id
+    assert client.get_experiment(exp_id).lifecycle_stage == "active"
+    assert {r.info.status for r in all_runs(fast_store)} == {"FINISHED"}
+
+
+def test_requests_sent_in_the_background_land_in_order_before_the_next_one(fast_store):
+    from mlflow import MlflowClient
+
+    from harness.tracking.mlflow_tracker import MlflowTracker
+
+    t = MlflowTracker()
+    with t.start(experiment="bg"):
+        with t.in_background():
+            t.log_params({"a": 1})
+            t.set_tags({"first": "1"})
+            t.log_text("x: 1\n", "spec.yaml")
+            t.set_tags({"first": "2"})  # the same tag again: the later write must win
+        snap = t.snapshot()  # a request made outside waits for the background ones
+        assert snap.params == {"a": "1"} and snap.tags["first"] == "2"
+    run = MlflowClient(fast_store).get_run(t.run_id)
+    assert run.info.status == "FINISHED"
+    assert [f.path for f in MlflowClient(fast_store).list_artifacts(t.run_id)] == ["spec.yaml"]
+
+
+def test_a_failed_background_request_fails_the_run_at_its_end(fast_store):
+    """MLflow refuses to change a logged param: sent in the background, the refusal is raised at the run's
+    end (not lost), and the run ends FAILED with what it logged before."""
+    from mlflow.exceptions import MlflowException
+
+    from harness.tracking.mlflow_tracker import MlflowTracker
+
+    t = MlflowTracker()
+    with pytest.raises(MlflowException, match="(?i)param"):
+        with t.start(experiment="bg"):
+            t.log_params({"a": 1})
+            with t.in_background():
+                t.log_params({"a": 2})
+            t.log_metrics({"m": 1.0}, step=1)
+    (r,) = all_runs(fast_store)
+    assert r.info.status == "FAILED" and r.data.params == {"a": "1"}
+
+
+def test_a_run_failing_on_its_own_keeps_its_error_over_a_background_one(fast_store):
+    from harness.tracking.mlflow_tracker import MlflowTracker
+
+    t = MlflowTracker()
+    with pytest.raises(ZeroDivisionError):
+        with t.start(experiment="bg"):
+            t.log_params({"a": 1})
+            with t.in_background():
+                t.log_params({"a": 2})
+            1 / 0
+    (r,) = all_runs(fast_store)
+    assert r.info.status == "FAILED"
+
+
+def test_a_new_run_logs_params_spec_and_datasets_from_the_background(fast_store):
+    """The run's start logs in the background: all of it is in the store when the run ends."""
+    from mlflow import MlflowClient
+
+    from harness.run import run
+
+    rid = run(_tiny(), progress=False).run_id
+    c = MlflowClient(fast_store)
+    r = c.get_run(rid)
+    assert r.data.params["train.epochs"] == "2" and r.data.params["data.num_classes"] == "10"
+    assert {d.dataset.name.split("-")[-1] for d in r.inputs.dataset_inputs} == {"val", "test"}
+    assert "spec.yaml" in [f.path for f in c.list_artifacts(rid)]
