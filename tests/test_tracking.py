@@ -3,6 +3,10 @@ sent in the background while a run trains (in order, waited for at the run's end
 lost), on a real SQLite store."""
 from __future__ import annotations
 
+import os
+import signal
+import threading
+
 import pytest
 
 from conftest import ROOT, TINY, all_runs
@@ -96,3 +100,22 @@ def test_a_new_run_logs_params_spec_and_datasets_from_the_background(fast_store)
     assert r.data.params["train.epochs"] == "2" and r.data.params["data.num_classes"] == "10"
     assert {d.dataset.name.split("-")[-1] for d in r.inputs.dataset_inputs} == {"val", "test"}
     assert "spec.yaml" in [f.path for f in c.list_artifacts(rid)]
+
+
+def test_ctrl_c_while_the_end_waits_for_the_background_ends_the_run_killed(fast_store):
+    """The run's end waits for its background requests; a Ctrl-C meanwhile still ends it, KILLED."""
+    from harness.tracking.mlflow_tracker import MlflowTracker
+
+    t = MlflowTracker()
+    release = threading.Event()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with t.start(experiment="bg"):
+                with t.in_background():
+                    t._send(release.wait, 60)  # a request that hangs, as to a server that stopped answering
+                    t.log_params({"dropped": 1})  # not begun when the Ctrl-C comes: dropped
+                threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    finally:
+        release.set()
+    (r,) = all_runs(fast_store)
+    assert r.info.status == "KILLED" and "dropped" not in r.data.params

@@ -51,15 +51,17 @@ class Sender:
 
     def settle(self, quietly: bool) -> BaseException | None:
         """At the run's end: :meth:`wait`, returning the error instead of raising it (only logged if
-        ``quietly``: the run is ending on an error of its own), and the thread let go."""
+        ``quietly``: the run is ending on an error of its own), and the thread let go. A Ctrl-C or
+        SIGTERM while it waits is returned too (the run still ends, KILLED); requests not yet begun are
+        dropped then."""
         try:
             self.wait()
-        except Exception as e:
+        except BaseException as e:
             if quietly:
                 log.debug("a request sent in the background failed: %s", e)
             return e
         finally:
             if self._pool is not None:
-                self._pool.shutdown(wait=False)
+                self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = None
         return None
