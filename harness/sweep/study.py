@@ -128,6 +128,7 @@ def fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
 
 
 MAX_RETRIES = 3  # params that kill their worker every time are not queued forever
+ASKED_WITH = {"mlflow_run_id": "", "failure_reason": ""}  # user attributes a trial holds from its start
 
 
 def retried_numbers(study: optuna.Study) -> set[int]:
@@ -167,7 +168,7 @@ def reserve(study: optuna.Study, space: dict[str, BaseDistribution], n_trials: i
             trial = study.ask(fixed_distributions=space)
         failpoints.reach("after_trial_asked")
         # Inside the lock: until these are written, another worker could take the trial for stale.
-        for key, value in {"worker": worker, "mlflow_run_id": "", "failure_reason": ""}.items():
+        for key, value in {"worker": worker, **ASKED_WITH}.items():
             trial.set_user_attr(key, value)
     return trial
 

@@ -201,9 +201,10 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
         pruned = state == TrialState.PRUNED and not reason.startswith("diverged")
         attrs = {"mlflow_run_id": run_id or "", "epochs": seen["epochs"], "seconds": round(seconds, 2),
                  "failure_reason": "" if pruned else reason, "stopped_early": reason if pruned else ""}
-        # What the trial already holds ("" since it was asked for, the run id since epoch 1) is not
-        # written again: each attribute is a transaction of its own on a database storage.
-        held = {"mlflow_run_id": seen.get("run_id", ""), "failure_reason": "", "stopped_early": ""}
+        # What the trial already holds (st.ASKED_WITH since it was asked for, the run id since epoch 1) is
+        # not written again, nor an empty stopped_early: each attribute is a transaction of its own on a
+        # database storage.
+        held = {**st.ASKED_WITH, "mlflow_run_id": seen.get("run_id", ""), "stopped_early": ""}
         for key, v in attrs.items():
             if key not in held or held[key] != v:
                 trial.set_user_attr(key, v)
