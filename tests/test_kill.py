@@ -198,6 +198,28 @@ def _kill_at_random(module: str, args: list[str], seed: int, within: tuple[float
     proc.wait(timeout=60)
 
 
+def test_a_journal_lock_left_by_a_process_killed_while_it_wrote_does_not_hang_the_sweep(fast_store, tmp_path):
+    """Optuna's journal lock is a symlink to the journal. A process that named the journal by a relative
+    path (as ``optuna-dashboard mlruns/optuna.journal`` does) makes one that points nowhere, and once that
+    process is killed while it holds it, Optuna waits forever: it judges a lock stale by the file the link
+    points to. The sweep removes such a lock once 30 s old (made old here), in one warning line."""
+    import os
+
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal; from optuna.storages.journal import JournalFileSymlinkLock; "
+        "os.makedirs('mlruns', exist_ok=True); open('mlruns/optuna.journal', 'a').close(); "
+        "JournalFileSymlinkLock('mlruns/optuna.journal').acquire(); os.kill(os.getpid(), signal.SIGKILL)")],
+        cwd=tmp_path, env=_env(), timeout=120)
+    lock = tmp_path / "mlruns" / "optuna.journal.lock"
+    assert killed.returncode == KILLED and lock.is_symlink() and not lock.exists()  # left, pointing nowhere
+    old = time.time() - 40
+    os.utime(lock, (old, old), follow_symlinks=False)
+    again = run_cli("harness.sweep", *SWEEP, "--quiet", cwd=tmp_path, timeout=240)
+    assert again.returncode == 0, again.stderr
+    assert "a lock on the Optuna journal left behind" in again.stderr and not lock.is_symlink()
+    check_sweep(fast_store, tmp_path)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(4))
 def test_a_sweep_killed_at_a_random_instant_finishes_with_exactly_n_trials(seed, fast_store, tmp_path):

@@ -10,6 +10,7 @@ to ``on_stale``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -97,8 +98,9 @@ def optuna_storage(url: str | None = None, workers: int = 1, *,
 
     try:
         if kind == "journal":
-            path = Path(url or DEFAULT_OPTUNA_JOURNAL)
+            path = Path(url or DEFAULT_OPTUNA_JOURNAL).absolute()  # see _mend_journal_lock
             path.parent.mkdir(parents=True, exist_ok=True)
+            _mend_journal_lock(path)
             return optuna.storages.JournalStorage(journal.JournalFileBackend(str(path)))
         if kind == "redis":
             return optuna.storages.JournalStorage(journal.JournalRedisBackend(url))
@@ -137,6 +139,26 @@ def quiet_experimental() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*experimental.*")
         yield
+
+
+def _mend_journal_lock(path: Path, grace_s: float = 30.0) -> None:
+    """Optuna's journal lock is a symlink ``<journal>.lock`` to the journal, and a process killed while
+    it writes leaves it behind. Optuna releases such a lock once the file it points to has not changed
+    for 30 s; but a process that named the journal by a relative path made a link that points nowhere
+    (its target is resolved from the link's own folder), and Optuna then waits forever. Such a dangling
+    lock, once 30 s old, is removed here; the harness names the journal by its absolute path."""
+    import time
+
+    lock = path.with_name(path.name + ".lock")
+    while lock.is_symlink() and not lock.exists():
+        age = time.time() - lock.lstat().st_mtime
+        if age >= grace_s:
+            lock.unlink(missing_ok=True)
+            logging.getLogger("harness.sweep").warning(
+                "removed %s: a lock on the Optuna journal left behind %.0f s ago by a process killed while "
+                "it wrote", lock, age)
+            return
+        time.sleep(min(1.0, grace_s - age))
 
 
 def _lock_file(url: str | None) -> Path | None:
