@@ -122,7 +122,7 @@ def test_four_trials_make_one_parent_and_four_children_with_matching_params(fast
     out = capsys.readouterr().out
     assert out.count("trial ") >= 4 and "best trials" in out
     assert "python -m harness.train" in out and "optimizer.lr=" in out
-    assert "mlflow ui --backend-store-uri" in out and f"optuna-dashboard {JOURNAL}" in out
+    assert "mlflow ui --backend-store-uri" in out and f"optuna-dashboard {Path(JOURNAL).absolute()}" in out
     assert f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}" in out
 
 

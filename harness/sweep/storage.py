@@ -230,4 +230,10 @@ def _db_lock(url: str) -> Iterator[None]:
 
 
 def optuna_dashboard_command(url: str | None) -> str:
+    """A journal by its absolute path: with a relative one, a dashboard killed while it writes leaves a lock
+    that Optuna never releases (see _mend_journal_lock)."""
+    if optuna_storage_kind(url) == "journal":
+        import shlex
+
+        return f"optuna-dashboard {shlex.quote(str(Path(url or DEFAULT_OPTUNA_JOURNAL).absolute()))}"
     return f"optuna-dashboard {optuna_storage_display(url)}"
