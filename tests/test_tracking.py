@@ -48,12 +48,15 @@ def test_requests_sent_in_the_background_land_in_order_before_the_next_one(fast_
             t.log_params({"a": 1})
             t.set_tags({"first": "1"})
             t.log_text("x: 1\n", "spec.yaml")
+            t.log_text("{}", ".notes/a.json")  # a folder whose name starts with a dot keeps it
             t.set_tags({"first": "2"})  # the same tag again: the later write must win
         snap = t.snapshot()  # a request made outside waits for the background ones
         assert snap.params == {"a": "1"} and snap.tags["first"] == "2"
     run = MlflowClient(fast_store).get_run(t.run_id)
     assert run.info.status == "FINISHED"
-    assert [f.path for f in MlflowClient(fast_store).list_artifacts(t.run_id)] == ["spec.yaml"]
+    client = MlflowClient(fast_store)
+    assert sorted(f.path for f in client.list_artifacts(t.run_id)) == [".notes", "spec.yaml"]
+    assert [f.path for f in client.list_artifacts(t.run_id, ".notes")] == [".notes/a.json"]
 
 
 def test_a_failed_background_request_fails_the_run_at_its_end(fast_store):

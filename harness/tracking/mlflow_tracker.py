@@ -135,11 +135,13 @@ class MlflowTracker:
         self.log_text(json.dumps(data, indent=2, sort_keys=True, default=str), artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
+        folder = Path(artifact_file).parent
+
         def put() -> None:
             with tempfile.TemporaryDirectory(prefix="harness-artifact-") as tmp:
                 path = Path(tmp) / Path(artifact_file).name
                 path.write_text(text, encoding="utf-8")
-                self._artifacts().log_artifact(str(path), str(Path(artifact_file).parent).strip(".") or None)
+                self._artifacts().log_artifact(str(path), None if folder == Path(".") else folder.as_posix())
 
         self._send(put)
 
@@ -165,11 +167,8 @@ class MlflowTracker:
         """What is logged inside goes out in the background (:class:`~harness.tracking.sender.Sender`)."""
         return self._send.background()
 
-    def wait(self) -> None:
-        self._send.wait()
-
     def snapshot(self) -> RunSnapshot:
-        self.wait()
+        self._send.wait()
         store.require_existing(store.tracking_uri())
         run = self.client.get_run(self.run_id)
         last = {}
@@ -220,7 +219,7 @@ class MlflowTracker:
         """The final model as a LoggedModel (:func:`harness.tracking.logged_models.log_model`)."""
         from harness.tracking.logged_models import log_model
 
-        self.wait()
+        self._send.wait()
         log_model(self.client, self.run_id, model, input_example, params)
 
     def download_artifact(self, artifact_path: str, dst_dir: str | Path) -> Path:
