@@ -98,7 +98,7 @@ def optuna_storage(url: str | None = None, workers: int = 1, *,
 
     try:
         if kind == "journal":
-            path = Path(url or DEFAULT_OPTUNA_JOURNAL).absolute()  # see _mend_journal_lock
+            path = journal_path(url)
             path.parent.mkdir(parents=True, exist_ok=True)
             _mend_journal_lock(path)
             return optuna.storages.JournalStorage(journal.JournalFileBackend(str(path)))
@@ -141,6 +141,11 @@ def quiet_experimental() -> Iterator[None]:
         yield
 
 
+def journal_path(url: str | None) -> Path:
+    """A journal storage's file by its absolute path (see :func:`_mend_journal_lock`)."""
+    return Path(url or DEFAULT_OPTUNA_JOURNAL).absolute()
+
+
 def _mend_journal_lock(path: Path, grace_s: float = 30.0) -> None:
     """Optuna's journal lock is a symlink ``<journal>.lock`` to the journal, and a process killed while
     it writes leaves it behind. Optuna releases such a lock once the file it points to has not changed
@@ -151,7 +156,10 @@ def _mend_journal_lock(path: Path, grace_s: float = 30.0) -> None:
 
     lock = path.with_name(path.name + ".lock")
     while lock.is_symlink() and not lock.exists():
-        age = time.time() - lock.lstat().st_mtime
+        try:
+            age = time.time() - lock.lstat().st_mtime
+        except FileNotFoundError:  # its owner, or another process mending it, removed it meanwhile
+            return
         if age >= grace_s:
             lock.unlink(missing_ok=True)
             logging.getLogger("harness.sweep").warning(
@@ -165,7 +173,7 @@ def _lock_file(url: str | None) -> Path | None:
     """The file whose ``flock`` guards a journal or a SQLite storage (None: not a file storage)."""
     kind = optuna_storage_kind(url)
     if kind == "journal":
-        path = Path(url or DEFAULT_OPTUNA_JOURNAL)
+        path = journal_path(url)
         return path.with_name(path.name + ".harness-lock")
     db = url.split(":///", 1)[1] if kind == "sqlite" and url and ":///" in url else ""
     return Path(db).with_name(Path(db).name + ".harness-lock") if db and db != ":memory:" else None
@@ -235,5 +243,5 @@ def optuna_dashboard_command(url: str | None) -> str:
     if optuna_storage_kind(url) == "journal":
         import shlex
 
-        return f"optuna-dashboard {shlex.quote(str(Path(url or DEFAULT_OPTUNA_JOURNAL).absolute()))}"
+        return f"optuna-dashboard {shlex.quote(str(journal_path(url)))}"
     return f"optuna-dashboard {optuna_storage_display(url)}"
