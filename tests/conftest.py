@@ -39,6 +39,14 @@ def _tracking_server_probed_per_test():
 TINY = ["train.epochs=2", "train.log_model=false", "train.sanity_check=false", "guard=warn"]
 
 
+def tiny_digits_spec(*extra: str):
+    """The digits spec cut to a run of a few seconds in process: TINY, no checkpoints, 300 examples."""
+    from harness.spec import load_spec
+
+    return load_spec(str(ROOT / "experiments" / "digits_lenet.yaml"),
+                     TINY + ["train.checkpoint=false", "data.limit_train=300", *extra])
+
+
 @pytest.fixture()
 def store(tmp_path, monkeypatch):
     """A fresh MLflow store + working directory (so mlruns/ and checkpoints land in tmp_path)."""

@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, TINY, all_runs, run_cli
+from conftest import ROOT, TINY, all_runs, run_cli, tiny_digits_spec
 from harness.errors import UserError
 from harness.spec import load_spec
 
@@ -198,10 +198,6 @@ def test_logged_model_loads_and_predicts(digits_run, tmp_path):
 
 # -- final states, in process --------------------------------------------------------------------------
 
-def _tiny(*extra):
-    return load_spec(DIGITS, TINY + ["train.checkpoint=false", "data.limit_train=300", *extra])
-
-
 def test_logging_the_model_does_not_load_lightning():
     """mlflow.pytorch imports Lightning (2.5-4 s) for an autologging callback the harness never uses;
     the tracker imports it without, and the callback still imports when someone asks for it."""
@@ -226,7 +222,7 @@ def test_an_exception_ends_the_run_in_a_final_state(fast_store, exc, status):
         raise exc
 
     with pytest.raises(type(exc)):
-        run(_tiny(), on_epoch=on_epoch, progress=False)
+        run(tiny_digits_spec(), on_epoch=on_epoch, progress=False)
     (r,) = all_runs(fast_store)
     assert r.info.status == status
     assert "val/acc" in r.data.metrics  # what was measured before the failure is kept
@@ -241,7 +237,7 @@ def test_stopped_ends_finished_with_its_curves(fast_store):
         raise Stopped("pruned at epoch 1")
 
     with pytest.raises(Stopped):
-        run(_tiny(), on_epoch=on_epoch, progress=False)
+        run(tiny_digits_spec(), on_epoch=on_epoch, progress=False)
     (r,) = all_runs(fast_store)
     assert r.info.status == "FINISHED" and r.data.tags["stopped_early"] == "pruned at epoch 1"
     assert len(r.data.metrics) > 0 and "test/acc" not in r.data.metrics
@@ -273,7 +269,7 @@ def test_system_metrics_cover_a_run_shorter_than_one_sampling_interval(fast_stor
 def test_system_metrics_follow_mlflows_switch(fast_store):
     from harness.run import run
 
-    result = run(_tiny("train.epochs=1"), progress=False, system_metrics=None)  # conftest: false
+    result = run(tiny_digits_spec("train.epochs=1"), progress=False, system_metrics=None)  # conftest: false
     (r,) = all_runs(fast_store)
     assert r.info.run_id == result.run_id and not [k for k in r.data.metrics if k.startswith("system/")]
 
@@ -283,7 +279,7 @@ def test_unavailable_device_is_a_user_error_and_makes_no_run(fast_store):
     from harness.run import run
 
     with pytest.raises(UserError, match="train.device=cuda"):
-        run(_tiny("train.device=cuda"), progress=False)
+        run(tiny_digits_spec("train.device=cuda"), progress=False)
     assert all_runs(fast_store) == []
 
 

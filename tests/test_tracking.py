@@ -9,14 +9,7 @@ import threading
 
 import pytest
 
-from conftest import ROOT, TINY, all_runs
-from harness.spec import load_spec
-
-DIGITS = str(ROOT / "experiments" / "digits_lenet.yaml")
-
-
-def _tiny(*extra):
-    return load_spec(DIGITS, TINY + ["train.checkpoint=false", "data.limit_train=300", *extra])
+from conftest import all_runs, tiny_digits_spec
 
 
 def test_a_run_after_its_experiment_was_deleted_lands_in_it_restored(fast_store):
@@ -26,7 +19,7 @@ def test_a_run_after_its_experiment_was_deleted_lands_in_it_restored(fast_store)
 
     from harness.run import run
 
-    spec = _tiny()
+    spec = tiny_digits_spec()
     first = run(spec, progress=False).run_id
     client = MlflowClient(fast_store)
     exp_id = client.get_run(first).info.experiment_id
@@ -97,7 +90,7 @@ def test_a_new_run_logs_params_spec_and_datasets_from_the_background(fast_store)
 
     from harness.run import run
 
-    rid = run(_tiny(), progress=False).run_id
+    rid = run(tiny_digits_spec(), progress=False).run_id
     c = MlflowClient(fast_store)
     r = c.get_run(rid)
     assert r.data.params["train.epochs"] == "2" and r.data.params["data.num_classes"] == "10"
