@@ -1,5 +1,5 @@
 """A shared machine: seconds per epoch of ``python -m harness.train`` alone and beside one competing
-CPU-bound process, with the harness's thread policy and with torch's defaults.
+CPU-bound process, with the harness's thread policy, with a fixed count and with torch's defaults.
 
     python benchmarks/shared.py                       # 3 rounds, ~6 min on 2 cores
     python benchmarks/shared.py --rounds 5 --candidates
@@ -14,21 +14,22 @@ and stopped after it, the kind of neighbour a laptop's browser tab or another sw
 
 Settings ("arms"), each a way a user could run the same command:
 
-  policy    the harness's default: one torch thread per core; OpenMP's waiting threads asleep
+  policy    the harness's default: one torch thread per core, cut to the cores other processes
+            leave free (measured over the run's start-up); OpenMP's waiting threads asleep
             (OMP_WAIT_POLICY=PASSIVE) when other processes run as it starts, else OpenMP's default;
             see harness/core/device.py
-  auto      train.threads=auto: the policy's threads cut to the cores other processes leave free,
-            measured over the run's start-up
-  torch     what the harness did before: torch's defaults, i.e. one thread per core with OpenMP's
-            default wait policy (spin ~300,000 times, then sleep), set as GOMP_SPINCOUNT=300000,
+  fixed     one thread per core whatever the load (train.threads=<cores>), with the same wait
+            policy: the harness's default before, and the count of a train.deterministic=true run
+  torch     what the harness did first: torch's defaults, i.e. one thread per core (train.threads=
+            <cores>) with OpenMP's default wait policy (spin ~300,000 times, then sleep), set as GOMP_SPINCOUNT=300000,
             libgomp's documented default, which the policy leaves alone as a user's setting
   --candidates adds: ``1 thread`` (train.threads=1, the policy's wait), ``spin 1000``
             (GOMP_SPINCOUNT=1000: a short spin, then sleep) and ``active`` (OMP_WAIT_POLICY=ACTIVE)
 
 Printed: every run as it ends; then per arm the median seconds per epoch alone and beside, with
-min-max over rounds; beside/alone per arm (goal for the policy: <= 1.5); and the policy's and auto's
-cost alone against torch's defaults alone (goal: <= 1.02), each a median of per-round ratios between runs made
-back to back. The load average is printed at the start, every round and at the end: the "alone" runs
+min-max over rounds; beside/alone per arm (goal for the policy: <= 1.5); and the policy's cost alone
+against the fixed count alone (the default before; goal: <= 1.02), each a median of per-round ratios
+between runs made back to back. The load average is printed at the start, every round and at the end: the "alone" runs
 share the machine with whatever else runs on it.
 """
 from __future__ import annotations
@@ -48,10 +49,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SPEC = ROOT / "experiments" / "digits_lenet.yaml"
 
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 ARMS = {  # name: (environment, spec overrides)
     "policy": ({}, []),
-    "auto": ({}, ["train.threads=auto"]),
-    "torch": ({"GOMP_SPINCOUNT": "300000"}, []),
+    "fixed": ({}, [f"train.threads={CORES}"]),
+    "torch": ({"GOMP_SPINCOUNT": "300000"}, [f"train.threads={CORES}"]),
 }
 CANDIDATES = {
     "1 thread": ({}, ["train.threads=1"]),
@@ -83,8 +85,8 @@ def per_epoch(uri: str, run_id: str) -> list[float]:
 
 def run_once(work: Path, data_args: list[str], env_extra: dict, overrides: list[str], beside: bool,
              epochs: int, tag: str) -> tuple[float, str]:
-    """One ``python -m harness.train``; its median seconds per epoch (warm-up epoch left out) and the
-    OpenMP wait policy it ran with."""
+    """One ``python -m harness.train``; its median seconds per epoch (warm-up epoch left out), and the
+    threads and OpenMP wait policy it ran with."""
     uri = f"sqlite:///{work / 'mlflow.db'}"
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
                                                             "OMP_NUM_THREADS")}
@@ -104,8 +106,9 @@ def run_once(work: Path, data_args: list[str], env_extra: dict, overrides: list[
         sys.exit(f"shared.py: {tag} failed (exit {out.returncode}):\n{out.stdout[-1500:]}\n{out.stderr[-3000:]}")
     from mlflow import MlflowClient
 
-    policy = MlflowClient(uri).get_run(found.group(1)).data.params.get("train.omp_wait_policy", "?")
-    return statistics.median(per_epoch(uri, found.group(1))), policy
+    params = MlflowClient(uri).get_run(found.group(1)).data.params
+    chosen = f"{params.get('train.threads_used', '?')} thread(s), wait policy {params.get('train.omp_wait_policy', '?')}"
+    return statistics.median(per_epoch(uri, found.group(1))), chosen
 
 
 def data_overrides(args, work: Path) -> list[str]:
@@ -133,10 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends like Ctrl-C: cleaned up
     arms = {**ARMS, **(CANDIDATES if args.candidates else {})}
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"{len(arms)} arm(s) x {len(CONDITIONS)} conditions x {args.rounds} round(s), {args.epochs} timed "
           f"epochs each, LeNet on {'MNIST files in ' + args.data_root if args.data_root else 'generated MNIST-sized data'}; "
-          f"{cores} cores; {load()}", flush=True)
+          f"{CORES} cores; {load()}", flush=True)
     times: dict[tuple[str, str], list[float]] = {(a, c): [] for a in arms for c in CONDITIONS}
     t0 = time.perf_counter()
     try:
@@ -148,11 +150,11 @@ def main(argv: list[str] | None = None) -> int:
                 order = [(a, c) for c in CONDITIONS for a in arms]
                 for arm, cond in (order if rnd % 2 else order[::-1]):  # drifting load hits all alike
                     env, overrides = arms[arm]
-                    s, policy = run_once(work, data_args, env, overrides, cond == "beside", args.epochs,
+                    s, chosen = run_once(work, data_args, env, overrides, cond == "beside", args.epochs,
                                          f"{arm}-{cond}-{rnd}")
                     times[(arm, cond)].append(s)
                     print(f"  {arm:10s} {cond:6s} {s:6.3f} s/epoch  [{time.perf_counter() - t0:4.0f} s]  "
-                          f"wait policy {policy}", flush=True)
+                          f"{chosen}", flush=True)
     except KeyboardInterrupt:
         print("shared.py: interrupted; the results so far:", file=sys.stderr, flush=True)
     report(arms, times, args.rounds)
@@ -170,14 +172,14 @@ def report(arms: dict, times: dict, rounds: int) -> None:
         alone, beside = times[(a, "alone")][:done], times[(a, "beside")][:done]
         ratio = [b / s for b, s in zip(beside, alone)]
         print(f"  {a:10s} {spread(alone):>22s} {spread(beside):>30s} {spread(ratio, '{:.2f}x'):>22s}")
-    for arm in ("policy", "auto"):
-        pol = [b / s for b, s in zip(times[(arm, "beside")][:done], times[(arm, "alone")][:done])]
-        cost = [s / t for s, t in zip(times[(arm, "alone")][:done], times[("torch", "alone")][:done])]
-        gain = [t / s for s, t in zip(times[(arm, "beside")][:done], times[("torch", "beside")][:done])]
-        r, c = statistics.median(pol), statistics.median(cost)
-        print(f"RESULT {arm} beside/alone = {r:.2f}x (goal <= 1.5: {'met' if r <= 1.5 else 'NOT met'}); "
-              f"{arm}/torch alone = {c:.3f} (goal <= 1.02: {'met' if c <= 1.02 else 'NOT met'}); "
-              f"beside a CPU-bound process torch's defaults take {statistics.median(gain):.1f}x its time")
+    ratio = {a: [b / s for b, s in zip(times[(a, "beside")][:done], times[(a, "alone")][:done])] for a in arms}
+    cost = [s / f for s, f in zip(times[("policy", "alone")][:done], times[("fixed", "alone")][:done])]
+    r, c = statistics.median(ratio["policy"]), statistics.median(cost)
+    print(f"RESULT policy beside/alone = {r:.2f}x (goal <= 1.5: {'met' if r <= 1.5 else 'NOT met'}); "
+          f"policy/fixed alone = {c:.3f} (goal <= 1.02: {'met' if c <= 1.02 else 'NOT met'}); beside/alone "
+          f"with the fixed count {statistics.median(ratio['fixed']):.2f}x, torch's defaults "
+          f"{statistics.median(ratio['torch']):.2f}x")
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -77,7 +77,7 @@ class Parts:
 
 def build(spec: Spec, device: torch.device | None = None, data: Data | None = None) -> Parts:
     device = device or resolve_device(spec.train.device)
-    threads = apply_threads(spec.train.threads)
+    threads = apply_threads(spec.train.threads, spec.train.deterministic)
     data = data or load_data(spec.data, spec.seed, device)
     seed_everything(spec.seed, spec.train.deterministic)
     model = build_model(spec.model, data.input_shape, data.num_classes).to(device)

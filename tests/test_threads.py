@@ -1,8 +1,9 @@
-"""The thread policy (harness/core/device.py): by default a process's share of the cores, whatever the
-load (the same spec and seed, the same numbers), whose waiting threads sleep when other processes run
-as it starts (which changes no number); with train.threads=auto, that share cut to the cores
-other processes leave free, measured over the run's start-up; what a user sets explicitly wins; the
-choice is recorded with the run and a resume reuses it; an ablation makes it once for all its runs."""
+"""The thread policy (harness/core/device.py): by default a process's share of the cores cut to the
+cores other processes leave free, measured over the run's start-up (as train.threads=auto); with
+train.deterministic=true the share whatever the load (the same spec and seed, the same numbers); waiting
+threads sleep when other processes run as it starts (which changes no number); what a user sets
+explicitly wins; the choice is recorded with the run and a resume reuses it; an ablation makes it once
+for all its runs."""
 from __future__ import annotations
 
 import os
@@ -80,10 +81,34 @@ def _train(tmp_path, *args: str, env: dict, busy_neighbours: int = 0):
     return r
 
 
-def test_by_default_the_count_does_not_depend_on_the_load(tmp_path):
-    """Beside processes that keep every core busy, a run still takes its share of the cores: the
-    numbers of a spec and seed must not change with what else the machine runs."""
+@pytest.mark.parametrize("requested, deterministic, omp, busy, expected", [
+    (None, False, None, 0.0, 2), (None, False, None, 1.0, 1),  # by default, the cores left free
+    ("auto", False, None, 1.0, 1), ("auto", True, None, 1.0, 1),  # auto asked for: auto
+    (None, True, None, 1.0, 2), (None, True, None, None, 2),  # deterministic: the share, whatever the load
+    (None, False, "2", 1.0, 2), (None, False, "1", 0.0, 1), (3, False, None, 1.0, 3),  # the user's count
+    (None, False, None, None, 2)])  # load unknown: the share
+def test_the_count_follows_the_load_unless_deterministic_or_set(monkeypatch, requested, deterministic, omp,
+                                                                 busy, expected):
+    monkeypatch.setattr(device, "cores", lambda: 2)
+    monkeypatch.setattr(device, "_share", {"workers": 1})
+    monkeypatch.setattr(device, "_probe", {"busy": busy})
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    assert device.resolve_threads(requested, deterministic) == expected
+
+
+def test_by_default_beside_processes_that_keep_every_core_busy_a_run_takes_one_thread(tmp_path):
     params = _train(tmp_path, env={}, busy_neighbours=device.cores()).data.params
+    assert params["train.threads_used"] == "1" and params["train.threads"] == "None"
+    assert float(params["train.cores_busy_at_start"]) >= 0.8 * (device.cores() - 1)
+
+
+def test_a_deterministic_run_keeps_its_share_whatever_the_load(tmp_path):
+    """Beside processes that keep every core busy, a train.deterministic run still takes its share of
+    the cores: its numbers must not change with what else the machine runs."""
+    params = _train(tmp_path, "train.deterministic=true", env={}, busy_neighbours=device.cores()).data.params
     assert params["train.threads_used"] == str(device.cores())
     assert params["train.cores_busy_at_start"] == "not measured"
     # ... and its waiting threads sleep, since the spinning neighbours were there when it started

@@ -13,15 +13,18 @@ other process holds: 3-6x slower epochs), while on an idle machine spinning is w
   ~20 ms; where it cannot, the threads sleep;
 - a process's share of the cores is cores // workers (the workers of one sweep or ablation split them).
 
-The count does not depend on the machine's load: thread counts change float summation order, and the
-same spec and seed must give the same numbers whenever they run. ``train.threads=auto`` trades that for
-speed on a busy machine: the share is cut to the cores the rest of the machine leaves free, measured
-once per process over its own start-up (from ``prepare_threads`` to its first run: CPU time other
-processes used on this process's cores, from ``/proc/stat``; beside one busy process on 2 cores, 1
-thread). Either way the count is recorded with the run (params ``train.threads_used``,
-``train.cores_busy_at_start``, ``train.omp_wait_policy``, ``train.others_running_at_start``) and a resume
-reuses it. What a user sets explicitly wins: a number in
-``train.threads``, ``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``.
+By default the count follows the load too: the share is cut to the cores the rest of the machine
+leaves free, measured once per process over its own start-up (from ``prepare_threads`` to its first
+run: CPU time other processes used on this process's cores, from ``/proc/stat``; beside one busy
+process on 2 cores, 1 thread; on an idle machine, the whole share). Two threads that share one free
+core wait for each other: beside one busy process they took 1.6-1.8x their quiet time, one thread
+1.0-1.5x. Thread counts change float summation order, so the numbers of a spec and seed then depend on
+the load at start: ``train.deterministic=true`` keeps the share whatever the load (the same numbers
+whenever it runs), as does any count the user sets. The count is recorded with the run (params
+``train.threads_used``, ``train.cores_busy_at_start``, ``train.omp_wait_policy``,
+``train.others_running_at_start``), a resume reuses it and an ablation chooses it once for all its runs.
+What a user sets explicitly wins: a number in ``train.threads``, ``OMP_NUM_THREADS``, ``OMP_WAIT_POLICY``
+or ``GOMP_SPINCOUNT``.
 
 This module imports torch only inside functions: :func:`prepare_threads` must run before torch is
 imported, since OpenMP reads its wait policy once, when torch's library loads.
@@ -122,22 +125,30 @@ def share_cores(workers: int) -> None:
 
 
 def default_threads() -> int:
-    """The policy's count when the spec names none: ``OMP_NUM_THREADS`` if the user set it, else this
-    process's share of the cores."""
+    """The count when neither the spec nor the load decides: ``OMP_NUM_THREADS`` if the user set it,
+    else this process's share of the cores."""
+    return user_threads() or share()
+
+
+def user_threads() -> int | None:
+    """The count the user set in ``OMP_NUM_THREADS`` (its first level), if any."""
     env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return threads_for(_share["workers"])
+    return int(env) if env.isdigit() and int(env) > 0 else None
 
 
-def resolve_threads(requested: int | str | None) -> int:
-    """The count for the spec's ``train.threads``: a number as given; None, the policy's default;
-    ``"auto"``, this process's share cut to the cores other processes leave free."""
-    if requested == "auto":
-        share = threads_for(_share["workers"])
+def resolve_threads(requested: int | str | None, deterministic: bool = False) -> int:
+    """The count for the spec's ``train.threads``: a number as given; ``"auto"``, this process's share
+    cut to the cores other processes leave free; None, ``OMP_NUM_THREADS`` if the user set it, else the
+    share as it is for a ``deterministic`` run (the same numbers whatever the load), else as ``"auto"``."""
+    if requested == "auto" or (requested is None and not deterministic and user_threads() is None):
         busy = cores_busy()
-        return share if busy is None else threads_left(share, busy)
+        return share() if busy is None else threads_left(share(), busy)
     return int(requested) if requested else default_threads()
+
+
+def share() -> int:
+    """This process's share of the cores: cores // workers."""
+    return threads_for(_share["workers"])
 
 
 def threads_left(share: int, busy: float, n_cores: int | None = None) -> int:
@@ -165,7 +176,7 @@ def cores_busy() -> float | None:
 
 def busy_at_start() -> str:
     """What the probe measured, as recorded with a run: ``"1.0"`` cores, or ``"not measured"`` (the
-    count was not ``train.threads=auto``)."""
+    load did not choose the count)."""
     busy = _probe.get("busy")
     return "not measured" if busy is None else f"{busy:.1f}"
 
@@ -186,12 +197,12 @@ def _cpu_counters() -> tuple[float, float, float] | None:
     return time.monotonic(), ticks / os.sysconf("SC_CLK_TCK"), t.user + t.system
 
 
-def apply_threads(requested: int | str | None) -> int:
+def apply_threads(requested: int | str | None, deterministic: bool = False) -> int:
     """Set torch's intra-op threads for ``requested`` (the spec's ``train.threads``, or a resumed run's
     recorded count; see :func:`resolve_threads`); returns the count now in use."""
     import torch
 
-    n = resolve_threads(requested)
+    n = resolve_threads(requested, deterministic)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return torch.get_num_threads()
