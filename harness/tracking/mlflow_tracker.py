@@ -65,17 +65,21 @@ class MlflowTracker:
         import mlflow
 
         from mlflow.exceptions import MlflowException
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         def begin(again: bool = False):
             # System metrics are sampled here (harness.tracking.sysmetrics), not by MLflow's start_run:
             # its monitor drops the samples of the last interval, so short runs had none.
+            # The parent goes in as MLflow's own tag: given as parent_run_id, start_run first asks the
+            # store for the parent run (a request to a tracking server for every trial of a sweep).
+            tagged = {k: str(v) for k, v in (tags or {}).items()}
+            if parent_run_id:
+                tagged[MLFLOW_PARENT_RUN_ID] = parent_run_id
             return mlflow.start_run(
                 run_id=self.run_id if resume else None,
                 experiment_id=None if resume else store.experiment_id(experiment, again=again),
-                run_name=None if resume else run_name, parent_run_id=parent_run_id,
-                nested=parent_run_id is not None,
-                tags=None if resume else {k: str(v) for k, v in (tags or {}).items()},
-                log_system_metrics=False)
+                run_name=None if resume else run_name, nested=parent_run_id is not None,
+                tags=None if resume else tagged, log_system_metrics=False)
 
         with _server_gone_is_clear(self), sigterm_as_interrupt():
             try:
@@ -90,17 +94,19 @@ class MlflowTracker:
             else:
                 failpoints.reach("after_run_created")
             error: BaseException | None = None
-            try:
-                with sysmetrics.sampling(self.run_id, on=system_metrics, resume=resume):
+            with sysmetrics.sampling(self.run_id, on=system_metrics, resume=resume) as last_sample:
+                try:
                     yield self
-            except BaseException as e:
-                error = e
-                raise
-            finally:
-                late = self._send.settle(quietly=error is not None)
-                _end_run(final_status(error or late))
-                if late is not None and error is None:
-                    raise late
+                except BaseException as e:
+                    error = e
+                    raise
+                finally:
+                    late = self._send.settle(quietly=error is not None)
+                    if error is None and late is None:
+                        last_sample()  # sent while the run is ended
+                    _end_run(final_status(error or late))
+                    if late is not None and error is None:
+                        raise late
 
     # -- logging ---------------------------------------------------------------------------------
     def log_params(self, params: dict[str, Any], tags: dict[str, Any] | None = None) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 from harness.tracking import store
 
@@ -71,14 +71,20 @@ def _monitor_class():
                 log.debug("system metrics: sampling stopped: %s", e)
                 return False
 
+        def stop(self, log_tail: bool = True) -> None:
+            """The monitor takes its last sample (unless ``log_tail`` is false) and sends it on its own
+            thread: the run's end goes on meanwhile."""
+            if self._process is not None and not self._shutdown_event.is_set():
+                self._log_tail = log_tail
+                self._shutdown_event.set()
+
         def finish(self, log_tail: bool = True) -> None:
             if self._process is None:
                 return
-            self._log_tail = log_tail
-            self._shutdown_event.set()
+            self.stop(log_tail)
             self._process.join(timeout=JOIN_TIMEOUT_S)
             alive, self._process = self._process.is_alive(), None
-            if not log_tail or alive:  # a store that does not answer: leave the thread (a daemon) be
+            if not self._log_tail or alive:  # a store that does not answer: leave the thread (a daemon) be
                 return
             try:
                 self.mlflow_logger.flush()
@@ -90,11 +96,15 @@ def _monitor_class():
 
 @contextlib.contextmanager
 def sampling(run_id: str, *, on: bool | None = None, resume: bool = False,
-             interval: float = SAMPLING_INTERVAL_S) -> Iterator[None]:
+             interval: float = SAMPLING_INTERVAL_S) -> Iterator[Callable[[], None]]:
     """Sample system metrics into run ``run_id`` (RUNNING) while the block runs. ``resume``: go on from
-    the run's last system-metrics step (a resumed run, a sweep's parent run started again)."""
+    the run's last system-metrics step (a resumed run, a sweep's parent run started again).
+
+    Yields ``last_sample``: called as the run ends, the last sample is taken and sent on the monitor's
+    thread while the run's end goes on (a request to a tracking server saved from the end of every run);
+    the block's exit waits for it. Not called, the exit takes it."""
     if not enabled(on):
-        yield
+        yield lambda: None
         return
     monitor = None
     try:
@@ -104,7 +114,7 @@ def sampling(run_id: str, *, on: bool | None = None, resume: bool = False,
         log.debug("system metrics not sampled: %s", e)
         monitor = None
     try:
-        yield
+        yield (lambda: monitor.stop()) if monitor is not None else (lambda: None)
     except BaseException:
         if monitor is not None:  # a gone tracking server would hold the end for minutes of retries
             monitor.finish(log_tail=not store.tracking_server_down())
