@@ -116,3 +116,30 @@ def test_sigterm_while_the_end_waits_for_the_background_ends_the_run_killed(fast
         release.set()
     (r,) = all_runs(fast_store)
     assert r.info.status == "KILLED" and "dropped" not in r.data.params
+
+
+def test_a_child_run_names_its_parent_without_reading_it(fast_store):
+    """A child run (a sweep's trial) carries MLflow's parent tag without a read of the parent first (a
+    request per trial to a tracking server); a parent deleted meanwhile no longer stops its children:
+    they land under it, and the sweep's next start restores it."""
+    from mlflow import MlflowClient
+
+    from harness.tracking.mlflow_tracker import MlflowTracker
+
+    client = MlflowClient(fast_store)
+    parent = MlflowTracker()
+    with parent.start(experiment="family"):
+        pass
+    child = MlflowTracker()
+    with child.start(experiment="family", parent_run_id=parent.run_id, tags={"role": "child"}):
+        child.log_metrics({"m": 1.0}, step=1)
+        child.flush()
+    run = client.get_run(child.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == parent.run_id and run.data.tags["role"] == "child"
+    assert run.info.status == "FINISHED" and run.data.metrics == {"m": 1.0}
+    client.delete_run(parent.run_id)
+    orphan = MlflowTracker()
+    with orphan.start(experiment="family", parent_run_id=parent.run_id):
+        pass
+    assert client.get_run(orphan.run_id).data.tags["mlflow.parentRunId"] == parent.run_id
+    assert client.get_run(orphan.run_id).info.status == "FINISHED"
