@@ -270,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
             ab = load_ablation(args.spec, args.overrides, seeds=args.seeds, only=only)
             if ab.base.train.threads in (None, "auto"):  # one count for all runs, in the plan (resume)
                 workers = args.workers or ab.spec.workers
-                base = ab.base.train
-                n = device.threads_for(workers) if workers > 1 else device.resolve_threads(base.threads, base.deterministic)
+                train = ab.base.train
+                n = device.threads_for(workers) if workers > 1 else \
+                    device.resolve_threads(train.threads, train.deterministic)
                 ab = ab.with_threads(n)
                 print(f"every run trains with train.threads={n} (the thread policy's choice, made once: "
                       f"pairs differ only by their arm)")

@@ -107,7 +107,8 @@ def run_once(work: Path, data_args: list[str], env_extra: dict, overrides: list[
     from mlflow import MlflowClient
 
     params = MlflowClient(uri).get_run(found.group(1)).data.params
-    chosen = f"{params.get('train.threads_used', '?')} thread(s), wait policy {params.get('train.omp_wait_policy', '?')}"
+    threads, wait = params.get("train.threads_used", "?"), params.get("train.omp_wait_policy", "?")
+    chosen = f"{threads} thread(s), wait policy {wait}"
     return statistics.median(per_epoch(uri, found.group(1))), chosen
 
 

@@ -62,9 +62,10 @@ def test_the_probe_sees_a_busy_neighbour_at_once():
         spinner.wait()
 
 
-def _train(tmp_path, *args: str, env: dict, busy_neighbours: int = 0):
+def _train(tmp_path, *args: str, env: dict, busy_neighbours: int = 0, stderr: list | None = None):
     """``python -m harness.train`` on digits, beside ``busy_neighbours`` processes that spin from
-    before it starts to after it ends; the environment is the test's without OMP_* settings, plus env."""
+    before it starts to after it ends; the environment is the test's without OMP_* settings, plus env.
+    What it printed on stderr is appended to ``stderr``, if given."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     full = {**base, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri, **env}
@@ -77,6 +78,8 @@ def _train(tmp_path, *args: str, env: dict, busy_neighbours: int = 0):
             s.kill()
             s.wait()
     assert out.returncode == 0, out.stderr[-2000:]
+    if stderr is not None:
+        stderr.append(out.stderr)
     (r,) = all_runs(uri)
     return r
 
@@ -100,7 +103,11 @@ def test_the_count_follows_the_load_unless_deterministic_or_set(monkeypatch, req
 
 
 def test_by_default_beside_processes_that_keep_every_core_busy_a_run_takes_one_thread(tmp_path):
-    params = _train(tmp_path, env={}, busy_neighbours=device.cores()).data.params
+    stderr: list[str] = []
+    params = _train(tmp_path, env={}, busy_neighbours=device.cores(), stderr=stderr).data.params
+    # the run said so, once, with what keeps the count whatever the load
+    told = [line for line in stderr[0].splitlines() if "torch thread(s), not" in line]
+    assert len(told) == 1 and "train.deterministic=true" in told[0], stderr[0][-2000:]
     assert params["train.threads_used"] == "1" and params["train.threads"] == "None"
     assert float(params["train.cores_busy_at_start"]) >= 0.8 * (device.cores() - 1)
 

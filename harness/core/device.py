@@ -31,6 +31,7 @@ imported, since OpenMP reads its wait policy once, when torch's library loads.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import TYPE_CHECKING
@@ -39,6 +40,8 @@ from harness.errors import UserError
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger("harness.threads")
 
 WAIT_POLICY = "PASSIVE"
 RUNNABLE_READS, RUNNABLE_GAP_S = 10, 0.002  # the start-up probe of the wait policy: ~20 ms
@@ -142,7 +145,13 @@ def resolve_threads(requested: int | str | None, deterministic: bool = False) ->
     share as it is for a ``deterministic`` run (the same numbers whatever the load), else as ``"auto"``."""
     if requested == "auto" or (requested is None and not deterministic and user_threads() is None):
         busy = cores_busy()
-        return share() if busy is None else threads_left(share(), busy)
+        n = share() if busy is None else threads_left(share(), busy)
+        if n < share() and not _probe.get("told"):  # once per process: the count changes the numbers
+            _probe["told"] = True
+            log.info("%d torch thread(s), not %d: other processes kept %.1f of %d cores busy as this one "
+                     "started (recorded as train.threads_used; train.deterministic=true keeps %d whatever "
+                     "the load)", n, share(), busy, cores(), share())
+        return n
     return int(requested) if requested else default_threads()
 
 
