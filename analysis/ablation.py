@@ -269,8 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ab = load_ablation(args.spec, args.overrides, seeds=args.seeds, only=only)
             if ab.base.train.threads in (None, "auto"):  # one count for all runs, in the plan (resume)
-                workers = args.workers or ab.spec.workers
-                train = ab.base.train
+                workers, train = args.workers or ab.spec.workers, ab.base.train
                 n = device.threads_for(workers) if workers > 1 else \
                     device.resolve_threads(train.threads, train.deterministic)
                 ab = ab.with_threads(n)
