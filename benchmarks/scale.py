@@ -123,11 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     if not pg or not server:
         sys.exit('scale.py: HARNESS_PG_URL / HARNESS_MLFLOW_URL not set: run eval "$(scripts/servers.sh '
                  'start)" first')
+    from harness.core.device import cores
     from harness.errors import mask_url
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"sweep of {args.trials} trials x {args.epochs} epochs ({Path(args.spec).name}, random sampler, "
-          f"no pruner) on {cores} cores; load average {os.getloadavg()[0]:.1f} at start")
+          f"no pruner) on {cores()} cores; load average {os.getloadavg()[0]:.1f} at start")
     print(f"servers: optuna {mask_url(pg)}, mlflow {mask_url(server)}")
     from harness.tracking.store import keepalive_delay
 

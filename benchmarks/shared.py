@@ -49,7 +49,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SPEC = ROOT / "experiments" / "digits_lenet.yaml"
 
-CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+from harness.core.device import cores  # noqa: E402  (imports no torch)
+
+CORES = cores()  # the cores this process may run on, as the thread policy counts them
 ARMS = {  # name: (environment, spec overrides)
     "policy": ({}, []),
     "fixed": ({}, [f"train.threads={CORES}"]),

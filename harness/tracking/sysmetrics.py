@@ -114,7 +114,7 @@ def sampling(run_id: str, *, on: bool | None = None, resume: bool = False,
         log.debug("system metrics not sampled: %s", e)
         monitor = None
     try:
-        yield (lambda: monitor.stop()) if monitor is not None else (lambda: None)
+        yield monitor.stop if monitor is not None else (lambda: None)
     except BaseException:
         if monitor is not None:  # a gone tracking server would hold the end for minutes of retries
             monitor.finish(log_tail=not store.tracking_server_down())
