@@ -137,9 +137,31 @@ def test_what_the_user_sets_wins_over_the_policy(tmp_path):
     assert params["train.threads_used"] == "2" and params["train.cores_busy_at_start"] == "not measured"
     assert params["train.omp_wait_policy"] == "ACTIVE" and params["train.others_running_at_start"] == "not measured"
     (tmp_path / "b").mkdir()
-    params = _train(tmp_path / "b", env={"OMP_NUM_THREADS": str(device.cores() + 1)}).data.params
+    stderr: list[str] = []
+    params = _train(tmp_path / "b", env={"OMP_NUM_THREADS": str(device.cores() + 1)}, stderr=stderr).data.params
     # more threads than cores: they wait for each other's cores, so they sleep whatever the load
     assert params["train.threads_used"] == str(device.cores() + 1) and params["train.omp_wait_policy"] == "PASSIVE"
+    # ... and the run says, once, that the count is more than the machine has
+    warned = [line for line in stderr[0].splitlines() if "is more than the" in line]
+    assert len(warned) == 1 and f"OMP_NUM_THREADS={device.cores() + 1}" in warned[0], stderr[0][-2000:]
+
+
+@pytest.mark.parametrize("requested, omp, expected", [
+    (3, None, 3), (64, None, 64), (None, "3", 3), (None, "3,1", 3),  # more threads than cores
+    (2, None, 2), (None, "2", 2), ("auto", None, 2), (None, None, 2), (1, "8", 1)])
+def test_a_count_above_the_cores_is_kept_but_warned_about_once(monkeypatch, caplog, requested, omp, expected):
+    monkeypatch.setattr(device, "cores", lambda: 2)
+    monkeypatch.setattr(device, "_share", {"workers": 1})
+    monkeypatch.setattr(device, "_probe", {"busy": 0.0})
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    with caplog.at_level("WARNING", logger="harness.threads"):
+        counts = [device.resolve_threads(requested) for _ in range(3)]
+    assert counts == [expected] * 3
+    warned = [r.getMessage() for r in caplog.records if "is more than the 2 core(s)" in r.getMessage()]
+    assert len(warned) == (1 if expected > 2 else 0), warned
 
 
 def test_the_wait_policy_changes_no_number(tmp_path):

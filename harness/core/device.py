@@ -152,7 +152,14 @@ def resolve_threads(requested: int | str | None, deterministic: bool = False) ->
                      "started (recorded as train.threads_used; train.deterministic=true keeps %d whatever "
                      "the load)", n, share(), busy, cores(), share())
         return n
-    return int(requested) if requested else default_threads()
+    n = int(requested) if requested else default_threads()
+    if n > cores() and not _probe.get("warned"):  # as asked, but an epoch can take many times longer
+        _probe["warned"] = True
+        source = f"train.threads={n}" if requested else f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+        log.warning("%s is more than the %d core(s) this process may run on: its threads will wait on "
+                    "each other and an epoch can take many times longer; kept as asked (train.threads=auto "
+                    "fits the count to the machine)", source, cores())
+    return n
 
 
 def share() -> int:
