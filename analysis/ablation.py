@@ -76,7 +76,7 @@ def _run_ablation(ab: Ablation, *, workers, out, resume, echo) -> AblationResult
 
     t0 = time.perf_counter()
     workers = workers or ab.spec.workers
-    _preflight(ab)
+    _preflight(ab, workers)
     store.setup_mlflow()
     exp_id = store.experiment_id(ab.experiment)
     parent_tags = {"ablation": ab.spec.name, "ablation.role": "parent"}
@@ -117,19 +117,19 @@ def _run_ablation(ab: Ablation, *, workers, out, resume, echo) -> AblationResult
     return AblationResult(parent, table, runs, files, wall, failures)
 
 
-def _preflight(ab: Ablation) -> None:
+def _preflight(ab: Ablation, workers: int) -> None:
     """Build every arm once (its data, model and optimizer) before the parent run exists: a broken
     model or dataset factory, or a freeze path an arm gets wrong, is one line and no half-made study."""
     from harness.core.data import load_data
-    from harness.core.device import resolve_device
     from harness.run import build
 
+    device.check_workers(workers)  # and no more worker processes than the memory holds
     loaded: dict[str, object] = {}
     for arm in ab.arms.values():
         spec = ab.arm_spec(arm.name, ab.seeds[0])
         key = spec.data.model_dump_json()
         if key not in loaded:
-            loaded[key] = load_data(spec.data, spec.seed, resolve_device(spec.train.device))
+            loaded[key] = load_data(spec.data, spec.seed, device.resolve_device(spec.train.device))
         build(spec, data=loaded[key])
 
 

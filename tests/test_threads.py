@@ -223,3 +223,36 @@ def test_an_ablation_chooses_the_thread_count_once_and_records_it_in_its_plan(tm
     found = re.search(r"every run trains with train.threads=(\d+)", out.stdout)
     assert found and (expected is None or found.group(1) == expected), out.stdout[:500]
     assert "'train.threads'" not in out.stdout  # the same for every arm: no arm shows it as its change
+
+
+@pytest.mark.parametrize("workers, available, refused", [
+    (99, 21.0, "at most --workers 32 fits"), (33, 21.0, "at most --workers 32 fits"), (32, 21.0, None),
+    (2, 1.0, "at most --workers 1 fits"), (1, 0.1, None),  # one process is never refused: nothing to share
+])
+def test_more_worker_processes_than_the_memory_holds_are_refused(monkeypatch, workers, available, refused):
+    monkeypatch.setattr(device, "cores", lambda: 64)
+    if refused is None:
+        device.check_workers(workers, available=available)
+        return
+    with pytest.raises(device.UserError) as e:
+        device.check_workers(workers, available=available)
+    assert refused in str(e.value) and f"--workers {workers}:" in str(e.value)
+    assert f"{available:.1f} GiB available" in str(e.value)
+
+
+def test_more_workers_than_cores_are_kept_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(device, "cores", lambda: 2)
+    with caplog.at_level("WARNING", logger="harness.threads"):
+        device.check_workers(2, available=100.0)
+        assert not caplog.records
+        device.check_workers(3, available=100.0)
+    (record,) = caplog.records
+    assert "--workers 3 is more than the 2 core(s)" in record.getMessage()
+
+
+def test_the_memory_available_is_read_from_meminfo(tmp_path):
+    (tmp_path / "meminfo").write_text("MemTotal:       24000000 kB\nMemAvailable:   22020096 kB\n")
+    assert device.available_gib(str(tmp_path / "meminfo")) == pytest.approx(21.0)
+    (tmp_path / "old").write_text("MemTotal:       24000000 kB\nMemFree:   1 kB\n")  # kernels before 3.14
+    assert device.available_gib(str(tmp_path / "old")) is None
+    assert device.available_gib(str(tmp_path / "missing")) is None

@@ -47,6 +47,7 @@ WAIT_POLICY = "PASSIVE"
 RUNNABLE_READS, RUNNABLE_GAP_S = 10, 0.002  # the start-up probe of the wait policy: ~20 ms
 _share = {"workers": 1}  # worker processes this machine's cores are split between (this one included)
 _probe: dict = {}  # "start": CPU counters at prepare_threads; "busy": what the probe measured, once
+WORKER_GIB = 0.65  # a sweep worker on digits: its proportional share of memory (PSS), measured here
 PROBE_MIN_S = 0.2  # a shorter window than this is extended by a sleep: too few clock ticks to tell
 
 
@@ -74,6 +75,34 @@ def cores() -> int:
 def threads_for(workers: int) -> int:
     """Each of K worker processes gets cores // K torch threads, so K workers do not oversubscribe."""
     return max(1, cores() // workers)
+
+
+def check_workers(workers: int, flag: str = "--workers", available: float | None = None) -> None:
+    """Before ``workers`` worker processes start: refuse a count the machine's memory cannot hold (each
+    imports torch and MLflow: at least :data:`WORKER_GIB`; ``available`` GiB, by default what
+    ``/proc/meminfo`` says); more workers than cores is kept, with a warning."""
+    free = available_gib() if available is None else available
+    if workers > 1 and free is not None and workers * WORKER_GIB > free:
+        fits = max(1, int(free // WORKER_GIB))
+        raise UserError(f"{flag} {workers}: each worker process holds at least ~{WORKER_GIB} GiB (torch, "
+                        f"MLflow, the data; more for a bigger model), {workers} need ~{workers * WORKER_GIB:.0f} "
+                        f"GiB and this machine has {free:.1f} GiB available: at most {flag} {fits} fits "
+                        f"({flag} {cores()} already keeps its {cores()} core(s) busy)")
+    if workers > cores():
+        log.warning("%s %d is more than the %d core(s) of this machine: the workers take turns on them, one "
+                    "torch thread each, and each holds its own memory", flag, workers, cores())
+
+
+def available_gib(path: str = "/proc/meminfo") -> float | None:
+    """Memory the machine can still give to new processes (``MemAvailable``), in GiB; None if unknown."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def prepare_threads(workers: int = 1) -> None:

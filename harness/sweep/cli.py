@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from harness.cli import setup_logging, user_errors
-    from harness.core.device import prepare_threads
+    from harness.core.device import check_workers, prepare_threads
 
     # Before torch loads (OpenMP reads its wait policy once); a worker's share of the cores.
     prepare_threads(args.workers if args.worker_index is not None else 1)
@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         from harness.sweep.storage import check_optuna_storage
 
         check_optuna_storage(args.storage, args.workers)  # before anything slow
+        if args.worker_index is None:  # the parent, before its workers take memory
+            check_workers(args.workers)
         if args.spec is None:
             args.spec = _default_spec()
         if args.worker_index is not None:
