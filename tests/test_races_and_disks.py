@@ -1,6 +1,7 @@
-"""Two commands at once on a fresh store, and a disk that fills up or turns read-only under a sweep: each
-ends the way the README says (both succeed; one line naming the path, exit 2, nothing half-written,
-and the same command finishes the job once there is room)."""
+"""Two commands at once on a fresh store, a kill while a command creates a fresh store, and a disk that
+fills up or turns read-only under a sweep: each ends the way the README says (both succeed; one line
+naming the path, exit 2, nothing half-written, and the same command finishes the job once there is
+room)."""
 from __future__ import annotations
 
 import os
@@ -109,3 +110,55 @@ def test_a_read_only_store_is_one_line_and_no_run(small_disk):
     (line,) = r.stderr.strip().splitlines()
     assert ("read-only" in line or "readonly" in line) and "Traceback" not in r.stderr
     assert [x.info.status for x in all_runs(env["MLFLOW_TRACKING_URI"])] == ["FINISHED"]  # no new run
+
+
+# MLflow's schema migrations of a new SQLite store rebuild tables through _alembic_tmp_<table>: the
+# signal is sent from inside the first such statement, the most unlucky instant there is.
+SIGNAL_IN_MIGRATION = """
+import os, runpy, signal, sys
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+@event.listens_for(Engine, "{when}_cursor_execute")
+def signal_once(conn, cursor, statement, *args):
+    if "_alembic_tmp_" in statement and not os.environ.get("SIGNALLED"):
+        os.environ["SIGNALLED"] = "1"
+        os.kill(os.getpid(), signal.{name})
+
+{then}
+"""
+TRAIN = f"sys.argv = ['harness.train', {DIGITS!r}, *{TINY!r}, '--quiet']; runpy.run_module('harness.train', run_name='__main__')"
+
+
+def _signalled_in_migration(tmp_path: Path, name: str, when: str = "before", then: str = TRAIN):
+    code = SIGNAL_IN_MIGRATION.format(name=name, when=when, then=then)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, text=True, capture_output=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("name", ["SIGKILL", "SIGTERM", "SIGINT"])
+def test_a_kill_while_a_command_creates_a_fresh_store_leaves_none_and_the_next_command_makes_it(tmp_path, name):
+    first = _signalled_in_migration(tmp_path, name)
+    assert first.returncode != 0, first.stderr[-3000:]
+    assert not (tmp_path / "mlflow.db").exists()  # no store rather than half of one
+    uri = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    again = run_cli("harness.train", DIGITS, *TINY, "--quiet", cwd=tmp_path, env=uri)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [r.info.status for r in all_runs(uri["MLFLOW_TRACKING_URI"])] == ["FINISHED"]
+    assert not list(tmp_path.glob(".mlflow.db.creating-*"))  # what the killed one was making is gone
+
+
+def test_a_store_another_tool_left_half_made_is_one_line(tmp_path):
+    """MLflow itself (mlflow ui, a script) killed while it creates a store: the next command says so."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = _signalled_in_migration(tmp_path, "SIGKILL", when="after",
+                                    then=f"from mlflow import MlflowClient; MlflowClient({uri!r}).search_experiments()")
+    assert first.returncode == -9 and (tmp_path / "mlflow.db").exists()
+    r = run_cli("harness.train", DIGITS, *TINY, "--quiet", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    (line,) = r.stderr.strip().splitlines()
+    assert "is half made" in line and "_alembic_tmp_" in line and f"delete {tmp_path / 'mlflow.db'}" in line
+    (tmp_path / "mlflow.db").unlink()  # as the line says
+    r = run_cli("harness.train", DIGITS, *TINY, "--quiet", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
+    assert r.returncode == 0, r.stderr[-3000:]

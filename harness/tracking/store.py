@@ -70,9 +70,17 @@ def check_sqlite_file(db: Path, shown: str, what: str, foreign: frozenset[str] =
         if head and head != SQLITE_HEADER:
             raise StoreError(f"{shown}: {db} is not a SQLite database (another kind of file); point it at a "
                              f"new file name or an existing {what}")
-        if head and _tables(db) & foreign:
+        tables = _tables(db) if head else set()
+        if tables & foreign:
             raise StoreError(f"{shown}: {db} holds {foreign_tool}'s tables; give each tool its own "
                              f"database file")
+        leftover = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
+        if leftover:
+            n = _rows(db, "runs" if "runs" in tables else "trials")
+            then = f"it holds no runs: delete {db} and run again" if not n else \
+                f"it holds {n} run(s) or trial(s): move it aside and start a new store, or restore a backup"
+            raise StoreError(f"{shown}: {db} is half made: a process was killed while it created or upgraded "
+                             f"its tables (left over: {leftover[0]}); {then}")
         return
     parent = db.parent if str(db.parent) else Path(".")
     try:
@@ -224,8 +232,25 @@ def create_once(uri: str) -> None:
     if db is None:
         return
     with file_lock(db.with_name(db.name + ".harness-lock")):
+        if not db.exists():
+            _create(db)
         MlflowClient(uri).search_experiments(max_results=1)
     _ready.add(uri)
+
+
+def _create(db: Path) -> None:
+    """A new store, made in a file beside ``db`` and renamed into place: MLflow's schema migrations on
+    SQLite are not atomic (a kill halfway left a store no command could open), a rename is."""
+    from mlflow import MlflowClient
+
+    for stray in db.parent.glob(f".{db.name}.creating-*"):  # from a process killed while it made one
+        stray.unlink(missing_ok=True)
+    part = db.with_name(f".{db.name}.creating-{os.getpid()}")
+    try:
+        MlflowClient(f"sqlite:///{part}").search_experiments(max_results=1)
+        os.replace(part, db)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
@@ -280,6 +305,17 @@ def mlflow_ui_command() -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser (the tracking server is the UI)"
     return f"mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)"
+
+
+def _rows(db: Path, table: str) -> int | None:
+    """Rows in ``table`` of a SQLite file (None: no such table, or unreadable)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            return conn.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]
+    except sqlite3.Error:
+        return None
 
 
 def _tables(db: Path) -> set[str]:
