@@ -70,9 +70,15 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, turned into an exception so it is handled like Ctrl-C (runs end KILLED)."""
 
 
+_pending: list[int] = []  # a signal whose exception Python swallowed inside the block
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated`; outside the main thread, a no-op."""
+    """Within the block, SIGTERM raises :class:`Terminated` (and Ctrl-C ``KeyboardInterrupt``, as ever);
+    outside the main thread, a no-op. Either raised while the garbage collector runs a finalizer is
+    swallowed by Python ("Exception ignored", and the program goes on as if no signal had come): it is
+    kept, and raised by :func:`check_interrupt` or, at the latest, as the block ends."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -80,11 +86,34 @@ def sigterm_as_interrupt() -> Iterator[None]:
     def handler(signum, frame):
         raise Terminated(f"signal {signum}")
 
+    def unraisable(u) -> None:
+        if isinstance(u.exc_value, KeyboardInterrupt):
+            _pending.append(signal.SIGTERM if isinstance(u.exc_value, Terminated) else signal.SIGINT)
+        else:
+            hook(u)
+
     previous = signal.signal(signal.SIGTERM, handler)
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
+    except BaseException:
+        _pending.clear()  # the block ends on an exception anyway
+        raise
     finally:
+        sys.unraisablehook = hook
         signal.signal(signal.SIGTERM, previous)
+    check_interrupt()  # swallowed where nothing checked: it takes effect as the block ends
+
+
+def check_interrupt() -> None:
+    """Raise, once, for a Ctrl-C or SIGTERM that Python swallowed (see :func:`sigterm_as_interrupt`).
+    Called where a run can stop cleanly: every training batch, and before a run ends FINISHED."""
+    if _pending:
+        signum = _pending[0]
+        _pending.clear()
+        if signum == signal.SIGTERM:
+            raise Terminated(f"signal {signum}")
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

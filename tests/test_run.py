@@ -311,6 +311,89 @@ def test_a_signal_during_a_store_write_takes_effect_after_it():
         signal.signal(signal.SIGINT, outer)
 
 
+class _SignalsWhenDropped:
+    """Sends a signal to this process from its finalizer: Python runs the handler inside the finalizer,
+    where an exception is printed as "Exception ignored" and dropped, as when the garbage collector
+    happens to run at the instant a SIGTERM comes."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+
+    def __del__(self):
+        os.kill(os.getpid(), self.signum)
+        time.sleep(0.01)  # the handler runs here, inside the finalizer
+
+
+@pytest.mark.parametrize("signum, raised", [(signal.SIGTERM, "Terminated"), (signal.SIGINT, "KeyboardInterrupt")])
+def test_a_signal_python_swallows_in_a_finalizer_still_takes_effect(capfd, signum, raised):
+    from harness.cli import check_interrupt, sigterm_as_interrupt
+
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # as under a terminal
+    went_on = []
+    try:
+        with pytest.raises(KeyboardInterrupt) as e:
+            with sigterm_as_interrupt():
+                _SignalsWhenDropped(signum)  # dropped at once
+                went_on.append("the block went on")  # Python dropped the exception...
+                check_interrupt()  # ... raised here, where a run can stop
+                went_on.append("never")
+        assert type(e.value).__name__ == raised and went_on == ["the block went on"]
+        with pytest.raises(KeyboardInterrupt):  # nothing checked inside: the block's end raises it
+            with sigterm_as_interrupt():
+                _SignalsWhenDropped(signum)
+        with sigterm_as_interrupt():  # raised once: nothing is left over for the next block
+            check_interrupt()
+    finally:
+        signal.signal(signal.SIGINT, outer)
+    assert "Exception ignored" not in capfd.readouterr().err
+
+
+SWALLOWING_MODEL = """
+import os, signal, time
+from torch import nn
+
+
+class Dropped:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+
+
+class Net(nn.Module):
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.fc = nn.Linear(input_shape[0] * input_shape[1] * input_shape[2], num_classes)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == int(os.environ["SIGNAL_AT_CALL"]):
+            Dropped()
+        return self.fc(x.flatten(1))
+
+
+def net(input_shape, num_classes):
+    return Net(input_shape, num_classes)
+"""
+
+
+def test_sigterm_swallowed_in_a_finalizer_still_ends_the_run_killed(fast_store, tmp_path):
+    """A SIGTERM that reaches the process while a finalizer runs (Python drops the exception) stops the run
+    at the next batch: before, the run trained on to FINISHED and exited 0, the signal lost."""
+    (tmp_path / "swallowing.py").write_text(SWALLOWING_MODEL)
+    r = run_cli("harness.train", DIGITS, "model.arch=swallowing:net", "model.dropout=0", "train.epochs=50",
+                "train.sanity_check=false", "train.log_model=false", "--quiet", cwd=tmp_path,
+                env={"MLFLOW_TRACKING_URI": fast_store, "SIGNAL_AT_CALL": "40",
+                     "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"})
+    assert r.returncode == 130 and "harness.train: interrupted" in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr[-3000:]
+    (run_,) = all_runs(fast_store)
+    assert run_.info.status == "KILLED"
+    from mlflow import MlflowClient
+
+    assert len(MlflowClient(fast_store).get_metric_history(run_.info.run_id, "val/acc")) < 50
+
+
 def test_sigterm_marks_the_run_killed(fast_store, tmp_path):
     from mlflow import MlflowClient
 

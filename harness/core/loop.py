@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from harness.cli import check_interrupt
 from harness.core.modes import Correct
 from harness.guard import ModeGuard
 
@@ -92,6 +93,7 @@ def train_one_epoch(
     seen = 0
     with _guarded(guard, "train"):
         for i, (x, y) in enumerate(batches, start=1):
+            check_interrupt()  # a Ctrl-C or SIGTERM Python swallowed in a finalizer stops here
             policy.zero_grad(optimizer)  # the textbook: optimizer.zero_grad()
             with precision.autocast():
                 out = model(x)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ContextManager, Iterator
 
 from harness import failpoints
-from harness.cli import sigterm_as_interrupt, temp_env
+from harness.cli import check_interrupt, sigterm_as_interrupt, temp_env
 from harness.core.loop import Diverged, Stopped
 from harness.errors import UserError
 from harness.tracking import store, sysmetrics
@@ -97,6 +97,7 @@ class MlflowTracker:
             with sysmetrics.sampling(self.run_id, on=system_metrics, resume=resume) as last_sample:
                 try:
                     yield self
+                    check_interrupt()  # a signal Python swallowed meanwhile: the run ends KILLED
                 except BaseException as e:
                     error = e
                     raise
