@@ -40,7 +40,7 @@ class _Strict(BaseModel):
 
 
 class ArmSpec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$", max_length=200)
     set: dict[str, Any] = Field(default_factory=dict)  # dotted spec overrides, e.g. {mode_bug: no_eval}
     control: str | None = None  # None: the ablation's control (the control arm itself has none)
     score: Literal["auto", "train", "checkpoint"] = "auto"
@@ -48,9 +48,9 @@ class ArmSpec(_Strict):
 
 
 class AblationSpec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$", max_length=200)
     base: str
-    experiment: str | None = None
+    experiment: str | None = Field(None, min_length=1, max_length=500)
     overrides: dict[str, Any] = Field(default_factory=dict)
     seeds: int | list[int] = 10
     control: str = "none"

@@ -44,6 +44,17 @@ def positive(cast: type, what: str):
 
 
 positive_int = positive(int, "a whole number")
+MAX_NAME = 250  # characters of an MLflow run name (PostgreSQL refuses more; SQLite does not check)
+
+
+def name_of(limit: int = MAX_NAME):
+    """An argparse type: a name, not blank and at most ``limit`` characters."""
+    def parse(text: str) -> str:
+        if not text.strip() or len(text) > limit:
+            got = f"{len(text)} characters" if text.strip() else "a blank one"
+            raise argparse.ArgumentTypeError(f"expected a name of 1 to {limit} characters, got {got}")
+        return text
+    return parse
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from harness import failpoints
-from harness.cli import signals_deferred
+from harness.cli import MAX_NAME, signals_deferred
 from harness.core.data import Data, load_data
 from harness.core.device import apply_threads, busy_at_start, others_at_start, resolve_device, wait_policy
 from harness.core.loop import Diverged, Precision, Stopped, evaluate, sanity_check
@@ -51,7 +51,8 @@ def git_commit() -> str:
 def default_run_name(spec: Spec) -> str:
     """``digits-lenet/lenet-s0``, ``digits-lenet/lenet-no_eval-s3``: what the run is, at a glance."""
     bug = f"-{spec.mode_bug}" if spec.mode_bug != "none" else ""
-    return f"{spec.name}/{spec.model.arch}{bug}-s{spec.seed}"
+    tail = f"{bug}-s{spec.seed}"
+    return f"{spec.name}/{spec.model.arch}"[:MAX_NAME - len(tail)] + tail  # a long factory path is cut
 
 
 def build_optimizer(spec: Spec, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -424,3 +424,18 @@ def test_sigterm_marks_the_run_killed(fast_store, tmp_path):
     (r,) = all_runs(fast_store)
     assert r.info.status == "KILLED"
     assert r.info.end_time is not None
+
+
+def test_the_default_run_name_fits_what_mlflow_stores():
+    """<name>/<arch>-s<seed>, cut in the middle where a factory path makes it longer than a run name may
+    be (PostgreSQL refuses it; SQLite would keep it)."""
+    from harness.cli import MAX_NAME
+    from harness.run import default_run_name
+    from harness.spec import load_spec
+
+    spec = load_spec(DIGITS)
+    assert default_run_name(spec) == f"{spec.name}/lenet-s0"
+    long = spec.model_copy(update={"name": "n" * 200, "seed": 7,
+                                   "model": spec.model.model_copy(update={"arch": "pkg." * 30 + "mod:net"})})
+    name = default_run_name(long)
+    assert len(name) == MAX_NAME and name.startswith("n" * 200 + "/pkg.") and name.endswith("-s7")

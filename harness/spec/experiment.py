@@ -21,7 +21,7 @@ EVAL_ONLY_KEYS = frozenset({"data.val_batch_size", "train.mc_samples", "guard"})
 
 
 class Spec(_Section):
-    name: str = "default"  # the MLflow experiment
+    name: str = Field("default", min_length=1, max_length=200)  # the MLflow experiment (and in run names)
     seed: int = 0
     mode_bug: str = "none"  # a policy registered in harness.core.modes
     guard: Literal["warn", "raise", "off"] = "warn"

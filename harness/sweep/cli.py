@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from harness.cli import Parser, positive, positive_int, sigterm_as_interrupt
+from harness.cli import MAX_NAME, Parser, name_of, positive, positive_int, sigterm_as_interrupt
 
 DEFAULT_SPEC = "experiments/digits_lenet.yaml"
 # 30 trials x 20 epochs of LeNet on digits: ~1 s a trial on a laptop core, about a minute of training
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="start no new trial after S seconds (running trials finish)")
     p.add_argument("--workers", type=positive_int, default=1, metavar="K",
                    help="worker processes on this machine sharing the study, each with cores/K threads")
-    p.add_argument("--study", help="study name (default <spec name>-<spec hash>, so the same spec and "
+    p.add_argument("--study", type=name_of(MAX_NAME - len("sweep:")), help="study name (default <spec name>-<spec hash>, so the same spec and "
                                    "overrides resume the same study)")
     p.add_argument("--storage", metavar="URL",
                    help="Optuna storage: a journal file path, sqlite:///..., postgresql://... "
