@@ -20,9 +20,9 @@ STATE="${HARNESS_SERVERS_DIR:-$ROOT/.servers}"
 mkdir -p "$STATE" && STATE="$(cd "$STATE" && pwd)"
 PG_PORT="${HARNESS_PG_PORT:-5433}"
 MLFLOW_PORT="${HARNESS_MLFLOW_PORT:-5055}"
-# One uvicorn worker: with more, uvicorn binds the socket so that asyncio leaves Nagle's algorithm on
-# (uvicorn issue #3149) and every request on a kept-alive connection waits ~40 ms for a delayed ACK:
-# measured here 48-84 ms a request with 2 workers, 2-15 ms with 1 (README 'Scaling out').
+# One uvicorn worker: with more, uvicorn before 0.55 bound the socket so that asyncio left Nagle's
+# algorithm on (uvicorn issue #3149) and every request on a kept-alive connection waited ~40 ms for a
+# delayed ACK: measured here 48-84 ms a request with 2 workers, 2-15 ms with 1 (README 'Scaling out').
 MLFLOW_WORKERS="${HARNESS_MLFLOW_WORKERS:-1}"
 PG_USER=harness
 OPTUNA_DB=harness_optuna

@@ -160,33 +160,35 @@ def test_sweep_check_storage_runs_the_doctor(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def uvicorn_servers(tmp_path_factory):
-    """Two real uvicorn servers of tests/http_app.py: {workers: URL} for 1 and 2 workers."""
+def http_servers(tmp_path_factory):
+    """Two real servers of tests/http_app.py, {kind: URL}: "quick", uvicorn (TCP_NODELAY); "late", one
+    whose sockets keep Nagle's algorithm, as uvicorn's multi-worker ones did before 0.55."""
     import subprocess
     import sys
     import time
     import urllib.request
     from pathlib import Path
 
+    here = Path(__file__).parent
     procs, urls = [], {}
-    log = tmp_path_factory.mktemp("uvicorn")
+    log = tmp_path_factory.mktemp("servers")
     try:
-        for workers in (1, 2):
+        for kind in ("quick", "late"):
             port = _free_port()
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "http_app:app", "--app-dir", str(Path(__file__).parent),
-                 "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), "--log-level",
-                 "warning"], stdout=open(log / f"{workers}.log", "w"), stderr=subprocess.STDOUT,
-                start_new_session=True))
-            urls[workers] = f"http://127.0.0.1:{port}"
+            cmd = [sys.executable, "-m", "uvicorn", "http_app:app", "--app-dir", str(here), "--host", "127.0.0.1",
+                   "--port", str(port), "--log-level", "warning"] if kind == "quick" else \
+                [sys.executable, str(here / "http_app.py"), str(port)]
+            procs.append(subprocess.Popen(cmd, stdout=open(log / f"{kind}.log", "w"), stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+            urls[kind] = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
-        for url in urls.values():
+        for kind, url in urls.items():
             while True:
                 try:
                     urllib.request.urlopen(url + "/health", timeout=2).read()
                     break
                 except OSError:
-                    assert time.monotonic() < deadline, (log / "2.log").read_text()
+                    assert time.monotonic() < deadline, (log / f"{kind}.log").read_text()
                     time.sleep(0.2)
         yield urls
     finally:
@@ -199,21 +201,21 @@ def uvicorn_servers(tmp_path_factory):
             p.wait(timeout=30)
 
 
-def test_the_delay_of_a_server_whose_workers_lack_tcp_nodelay_is_found(uvicorn_servers):
-    """uvicorn with --workers 2 (mlflow server's default is 4) answers every request on a kept-alive
-    connection after the client's delayed ACK, ~40 ms; with one worker it does not. The doctor says so in
-    one warning line, and what to do."""
+def test_the_delay_of_a_server_whose_sockets_lack_tcp_nodelay_is_found(http_servers):
+    """A server whose sockets keep Nagle's algorithm (uvicorn with --workers 2 before 0.55; mlflow server's
+    default is 4) answers every request on a kept-alive connection after the client's delayed ACK, ~40 ms;
+    uvicorn with TCP_NODELAY does not. The doctor says so in one warning line, and what to do."""
     from harness.tracking import store
 
-    assert store.keepalive_delay(uvicorn_servers[2]) > 0.03
-    line = store.slow_keepalive(uvicorn_servers[2])
+    assert store.keepalive_delay(http_servers["late"]) > 0.03
+    line = store.slow_keepalive(http_servers["late"])
     assert line is not None and "--workers 1" in line and "TCP_NODELAY" in line and "\n" not in line
     assert "new connection for each request" in line
-    r = doctor.check_mlflow(uvicorn_servers[2])
+    r = doctor.check_mlflow(http_servers["late"])
     assert r.problems == [] and len(r.warnings) == 1 and "kept-alive" in r.warnings[0], r
     # One worker: no delay. The least of three probes, so that a busy machine's hiccup is not a finding.
-    assert min(store.keepalive_delay(uvicorn_servers[1]) for _ in range(3)) < 0.02
-    assert doctor.check_mlflow(uvicorn_servers[1]).warnings == []
+    assert min(store.keepalive_delay(http_servers["quick"]) for _ in range(3)) < 0.02
+    assert doctor.check_mlflow(http_servers["quick"]).warnings == []
 
 
 def test_a_local_store_or_a_dead_server_is_not_probed():
@@ -233,15 +235,15 @@ print(os.environ.get("HARNESS_MLFLOW_NEW_CONNECTIONS"), *(http_request(creds, "/
 """
 
 
-@pytest.mark.parametrize("workers, preset, new_connections", [(2, None, True), (1, None, False),
-                                                              (2, "0", False)])
+@pytest.mark.parametrize("kind, preset, new_connections", [("late", None, True), ("quick", None, False),
+                                                           ("late", "0", False)])
 def test_requests_open_a_new_connection_only_against_a_server_that_delays_kept_alive_ones(
-        uvicorn_servers, tmp_path, workers, preset, new_connections):
-    """MLflow's own ``http_request`` in a new process pointed at the server: against the 2-worker
-    uvicorn each request comes from a new client port (``Connection: close`` from the harness's MLflow
-    plugin, registered by pyproject.toml's entry point), with one warning line at the start; against one
-    worker, or when the user set ``HARNESS_MLFLOW_NEW_CONNECTIONS=0``, one kept-alive connection."""
-    env = {"MLFLOW_TRACKING_URI": uvicorn_servers[workers]}
+        http_servers, tmp_path, kind, preset, new_connections):
+    """MLflow's own ``http_request`` in a new process pointed at the server: against the late server
+    each request comes from a new client port (``Connection: close`` from the harness's MLflow
+    plugin, registered by pyproject.toml's entry point), with one warning line at the start; against
+    uvicorn, or when the user set ``HARNESS_MLFLOW_NEW_CONNECTIONS=0``, one kept-alive connection."""
+    env = {"MLFLOW_TRACKING_URI": http_servers[kind]}
     if preset is not None:
         env["HARNESS_MLFLOW_NEW_CONNECTIONS"] = preset
     import os

@@ -110,8 +110,8 @@ def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
 def keepalive_delay(uri: str, n: int = 5) -> float:
     """Seconds a request to tracking server ``uri`` waits on a kept-alive connection beyond one on a new
     connection (medians of ``n`` ``/health`` requests each). About 0.04 where the server's sockets lack
-    TCP_NODELAY: uvicorn with ``--workers`` above 1, which ``mlflow server`` runs by default (4), binds
-    its socket so that asyncio leaves Nagle's algorithm on (uvicorn issue #3149); each response's last
+    TCP_NODELAY: uvicorn before 0.55 with ``--workers`` above 1, which ``mlflow server`` runs by default
+    (4), bound its socket so that asyncio left Nagle's algorithm on (uvicorn issue #3149); each response's last
     segment then waits for the client's delayed ACK, 40 ms on Linux, at every request after a
     connection's first."""
     import statistics
@@ -150,8 +150,8 @@ def slow_keepalive(uri: str, threshold_s: float = 0.02) -> str | None:
     if delay < threshold_s:
         return None
     return (f"the tracking server {mask_url(uri)} answers every request on a kept-alive connection "
-            f"{1000 * delay:.0f} ms late (its uvicorn workers run without TCP_NODELAY: `mlflow server "
-            f"--workers N` with N > 1, uvicorn issue #3149); the harness opens a new connection for each "
+            f"{1000 * delay:.0f} ms late (its sockets run without TCP_NODELAY: e.g. `mlflow server "
+            f"--workers N` with N > 1 on uvicorn before 0.55, uvicorn issue #3149); the harness opens a new connection for each "
             f"request instead; across a network, better: start it with --workers 1, as scripts/servers.sh "
             f"does")
 
