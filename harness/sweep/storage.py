@@ -47,7 +47,7 @@ def optuna_storage_display(url: str | None) -> str:
 
 def check_optuna_storage(url: str | None, workers: int) -> None:
     """Refuse what cannot work before anything starts (cheap: no Optuna import)."""
-    from harness.tracking import store
+    from harness.tracking import sqlite_files, store
 
     kind = optuna_storage_kind(url)
     shown = f"--storage {mask_url(url or '')}"
@@ -56,22 +56,22 @@ def check_optuna_storage(url: str | None, workers: int) -> None:
             f"{shown} with --workers {workers}: SQLite takes one writer at a time and Optuna's trials "
             f"would fail with 'database is locked'; use the default journal file (drop --storage), a "
             f"journal file (--storage mlruns/study.journal) or PostgreSQL")
-    mlflow_db = store.sqlite_path(store.tracking_uri()) if store.tracking_uri().startswith("sqlite") else None
+    mlflow_db = sqlite_files.sqlite_path(store.tracking_uri()) if store.tracking_uri().startswith("sqlite") else None
     if kind == "sqlite" and url:
-        db = store.sqlite_path(url)
+        db = sqlite_files.sqlite_path(url)
         if db is not None and mlflow_db is not None and db.resolve() == mlflow_db.resolve():
             raise StoreError(f"{shown}: that is the MLflow database (MLFLOW_TRACKING_URI); Optuna and MLflow "
                              f"each keep an alembic_version table and cannot share one: give the study "
                              f"its own file, e.g. --storage sqlite:///optuna.db")
         if db is not None:
-            store.check_sqlite_file(db, shown, "Optuna database", store.MLFLOW_TABLES, "MLflow")
+            sqlite_files.check_sqlite_file(db, shown, "Optuna database", sqlite_files.MLFLOW_TABLES, "MLflow")
     if kind == "rdb" and url == store.tracking_uri():
         raise StoreError(f"{shown}: that is the MLflow database (MLFLOW_TRACKING_URI); give each its own")
     if kind == "journal":
         path = Path(url or DEFAULT_OPTUNA_JOURNAL)
         if path.is_dir():
             raise StoreError(f"{shown}: {path} is a directory; name a journal file, e.g. {path / 'optuna.journal'}")
-        if path.is_file() and _head(path) == store.SQLITE_HEADER:
+        if path.is_file() and _head(path) == sqlite_files.SQLITE_HEADER:
             raise StoreError(f"{shown}: {path} is a SQLite database, not a journal file; write "
                              f"--storage sqlite:///{path}")
 
