@@ -40,7 +40,7 @@ from analysis.report import display_table, parent_note, write_report
 from analysis.runs import collect, existing_children, report_dir, reuse
 from analysis.scoring import run_scoring
 from analysis.training import run_training
-from harness.cli import Parser, exit_with, positive_int
+from harness.cli import Parser, exit_with, positive_int, run_id
 from harness.errors import UserError
 
 log = logging.getLogger("analysis.ablation")
@@ -248,7 +248,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=positive_int, help="parallel training processes (default: the spec's, 1); "
                                                "a local SQLite store is safest with 1")
     p.add_argument("--out", help="report folder (default reports/<experiment>/)")
-    p.add_argument("--resume", metavar="PARENT_RUN_ID",
+    p.add_argument("--resume", metavar="PARENT_RUN_ID", type=run_id,
                    help="continue an interrupted ablation: runs it already has are kept")
     p.add_argument("--dry-run", action="store_true", help="print the plan (arms, scoring, runs) and stop")
     return p.parse_intermixed_args(argv)

@@ -47,6 +47,14 @@ positive_int = positive(int, "a whole number")
 MAX_NAME = 250  # characters of an MLflow run name (PostgreSQL refuses more; SQLite does not check)
 
 
+def run_id(text: str) -> str:
+    """An argparse type: an MLflow run id, not blank (``--resume $RUN`` with the variable unset must not
+    quietly start a new run)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected an MLflow run id, got a blank one (an unset shell variable?)")
+    return text.strip()
+
+
 def name_of(limit: int = MAX_NAME):
     """An argparse type: a name, not blank and at most ``limit`` characters."""
     def parse(text: str) -> str:
