@@ -78,11 +78,11 @@ def _run_ablation(ab: Ablation, *, workers, out, resume, echo) -> AblationResult
     workers = workers or ab.spec.workers
     _preflight(ab, workers)
     store.setup_mlflow()
-    exp_id = store.experiment_id(ab.experiment)
-    parent_tags = {"ablation": ab.spec.name, "ablation.role": "parent"}
     if resume:
         _check_parent(resume, ab)
-    out = report_dir(ab.experiment, out)
+    out = report_dir(ab.experiment, out)  # a folder that cannot be written: one line, before any run
+    exp_id = store.experiment_id(ab.experiment)
+    parent_tags = {"ablation": ab.spec.name, "ablation.role": "parent"}
     failures: list[str] = []
     tracker = MlflowTracker(resume)
     with _quiet_guard(), tracker.start(experiment=ab.experiment, run_name=f"ablation:{ab.spec.name}",

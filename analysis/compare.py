@@ -136,7 +136,6 @@ def compare(experiment: str, *, group_by: Sequence[str] = (), metric: str = "val
     by = resolve_keys(df, group_by)
     table = summarize_groups(df, metric, by, direction)
     out = report_dir(experiment, out)
-    out.mkdir(parents=True, exist_ok=True)
     # Named apart from an ablation's report files, which share the folder of the experiment.
     files = {"csv": out / "compare.csv", "md": out / "compare.md", "runs": out / "compare_runs.csv"}
     table.to_csv(files["csv"], index=False)

@@ -4,6 +4,7 @@ re-reported study shows the same numbers."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -35,10 +36,17 @@ def from_tags(tags: dict[str, str]) -> dict[str, float]:
 
 
 def report_dir(name: str, out: str | Path | None = None) -> Path:
-    """``out``, or ``reports/<name>/`` with the name made safe as a folder name."""
-    if out:
-        return Path(out)
-    return Path("reports") / "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+    """``out``, or ``reports/<name>/`` with the name made safe as a folder name; made now, so that a
+    folder that cannot be written is one line before any work, not a traceback after it."""
+    path = Path(out) if out else Path("reports") / "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {path}: cannot make the report folder ({e.strerror}); choose a folder you "
+                        f"can write") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"--out {path}: the report folder is not writable; choose a folder you can write")
+    return path
 
 
 def history(client, run_id: str, key: str) -> tuple[list[int], list[float]]:

@@ -184,6 +184,9 @@ CASES = [
     ("ablation: unknown arm", "ablation", [ABLATION, "--arms", "no_evl"], None, {}, "no_evl"),
     ("ablation: zero seeds", "ablation", [ABLATION, "--seeds", "0"], None, {}, "--seeds"),
     ("ablation: resume an unset variable", "ablation", [ABLATION, "--resume", " "], None, {}, "a blank one"),
+    ("ablation: report folder under a file", "ablation", [ABLATION, *TINY, "--seeds", "1", "--arms", "no_eval",
+                                                         "--out", "notes.txt/report"],
+     lambda t: (t / "notes.txt").write_text("mine"), {}, "--out notes.txt/report: cannot make the report folder"),
     ("ablation: more workers than the memory holds", "ablation", [ABLATION, *TINY, "--seeds", "1", "--workers",
                                                                    "100000"], None, {}, "GiB available"),
     ("ablation: override typo", "ablation", [ABLATION, "train.epoch=2"], None, {}, "train.epoch"),
@@ -191,6 +194,8 @@ CASES = [
      "--resume 0123456789abcdef"),
     # -- analysis.compare ---------------------------------------------------------------------------------------
     ("compare: no such experiment", "compare", ["--experiment", "nope"], "one_run", {}, "no such experiment"),
+    ("compare: report folder under a file", "compare", ["--experiment", "digits-lenet", "--out", "notes.txt/r"],
+     ("one_run", lambda t: (t / "notes.txt").write_text("")), {}, "cannot make the report folder"),
     ("compare: no such metric", "compare", ["--experiment", "digits-lenet", "--metric", "val/accuracy"], "one_run", {},
      "--metric val/accuracy"),
     ("compare: no such key", "compare", ["--experiment", "digits-lenet", "--group-by", "lr"], "one_run", {},
@@ -234,14 +239,15 @@ def test_bad_input_is_one_line_exit_2_and_nothing_made(case, tmp_path, monkeypat
     _, command, argv, setup, env, words = case
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    if setup == "optuna_db":
-        shutil.copy(stores / "optuna.db", tmp_path / "optuna.db")
-    elif setup == "mlflow_db":
-        shutil.copy(stores / "mlflow_db.db", tmp_path / "other.db")
-    elif setup == "one_run":
-        shutil.copy(stores / "one_run.db", tmp_path / "mlflow.db")
-    elif setup is not None:
-        setup(tmp_path)
+    for step in setup if isinstance(setup, tuple) else (setup,):
+        if step == "optuna_db":
+            shutil.copy(stores / "optuna.db", tmp_path / "optuna.db")
+        elif step == "mlflow_db":
+            shutil.copy(stores / "mlflow_db.db", tmp_path / "other.db")
+        elif step == "one_run":
+            shutil.copy(stores / "one_run.db", tmp_path / "mlflow.db")
+        elif step is not None:
+            step(tmp_path)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     before = _tree(tmp_path)
