@@ -71,6 +71,8 @@ CASES = [
     ("misspelt field", "train", [DIGITS, "optimizer.learning_rate=0.1"], None, {}, "optimizer.learning_rate"),
     ("epochs not a number", "train", [DIGITS, "train.epochs=ten"], None, {}, "train.epochs"),
     ("epochs zero", "train", [DIGITS, "train.epochs=0"], None, {}, "train.epochs"),
+    ("epochs yes", "train", [DIGITS, "train.epochs=yes"], None, {}, "train.epochs: expected a number, not a yes/no"),
+    ("lr true", "train", [DIGITS, "optimizer.lr=true"], None, {}, "optimizer.lr: expected a number, not a yes/no"),
     ("empty experiment name", "train", [DIGITS, "name="], None, {}, "name: String should have at least 1"),
     ("experiment name too long", "train", [DIGITS, "name=" + "x" * 201], None, {}, "at most 200 characters"),
     ("run name too long", "train", [DIGITS, "--run-name", "r" * 251], None, {}, "--run-name: expected a name of 1 to 250"),

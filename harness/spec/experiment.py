@@ -12,8 +12,8 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from harness.core.imports import short
 from harness.errors import SpecError
 
-from harness.spec.sections import (DataSpec, ModelSpec, OptimizerSpec, SearchSpec, TrainSpec, _seed, _Section,
-                                   default_search_params)
+from harness.spec.search import SearchSpec, default_search_params
+from harness.spec.sections import DataSpec, ModelSpec, OptimizerSpec, TrainSpec, _seed, _Section
 
 # Spec keys that only evaluation reads: an arm of an ablation that differs from its control only here
 # (and in an evaluation-only mode_bug) is scored on the control's own checkpoints.
@@ -134,7 +134,7 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 
 def _split_search_key(rest: str) -> list[str]:
     # "optimizer.lr.high" -> ["optimizer.lr", "high"]; "optimizer.lr" -> ["optimizer.lr"]
-    from harness.spec.sections import SearchParam
+    from harness.spec.search import SearchParam
 
     head, _, last = rest.rpartition(".")
     return [head, last] if head and last in SearchParam.model_fields else [rest]

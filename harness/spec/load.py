@@ -8,7 +8,7 @@ from harness.core.imports import add_search_path, short
 from harness.errors import SpecError
 from harness.spec import yamlfile
 from harness.spec.experiment import Spec, set_dotted, validate
-from harness.spec.sections import default_search_params
+from harness.spec.search import default_search_params
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""The sections of an experiment spec: data, model, optimizer, train, search. Typed and frozen; unknown
-keys, wrong types, non-finite numbers and out-of-range values are refused with the field's path.
+"""The sections of an experiment spec: data, model, optimizer, train (search: ``harness.spec.search``).
+Typed and frozen; unknown keys, wrong types, non-finite numbers and out-of-range values are refused with
+the field's path.
 
 A message starting ``@field: `` names a field of the section itself (the loader prints
 ``section.field: ...``), for checks that look at two fields at once."""
@@ -8,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 BUILTIN_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100")
 MAX_SEED = 2**32  # numpy's seeds are 0 <= seed < 2**32
@@ -17,6 +18,13 @@ MODEL_OPTIONS = ("dropout", "batchnorm", "noise_std")  # what the harness adds t
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, v: Any, info: ValidationInfo) -> Any:  # pydantic takes true (or yes) as 1
+        if isinstance(v, bool) and cls.model_fields[info.field_name].annotation in (int, float, int | None, float | None):
+            raise ValueError("expected a number, not a yes/no value")
+        return v
 
 
 def _seed(v: int) -> int:
@@ -232,68 +240,4 @@ class TrainSpec(_Section):
         elif not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise ValueError("MPS (Apple GPUs) is not available on this machine (train.device=mps); "
                              "use auto or cpu")
-        return v
-
-
-Scalar = Union[bool, int, float, str]
-
-
-class SearchParam(_Section):
-    type: Literal["float", "int", "categorical"] = "float"
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: tuple[Scalar, ...] | None = None
-
-    @field_validator("choices", mode="before")
-    @classmethod
-    def _finite_choices(cls, v: Any) -> Any:
-        import math
-
-        for c in v if isinstance(v, (list, tuple)) else ():
-            if isinstance(c, float) and not math.isfinite(c):
-                raise ValueError(f"choice {c} is not a finite number")
-        return v
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "SearchParam":
-        if self.type == "categorical":
-            if not self.choices:
-                raise ValueError("a categorical parameter needs a non-empty 'choices' list")
-            return self
-        if self.low is None or self.high is None:
-            raise ValueError(f"a {self.type} parameter needs 'low' and 'high'")
-        if not self.low < self.high:
-            raise ValueError(f"'low' ({self.low}) must be below 'high' ({self.high})")
-        if self.log and self.low <= 0:
-            raise ValueError("a log-scale parameter needs 'low' > 0")
-        if self.step is not None and self.step <= 0:
-            raise ValueError(f"'step' ({self.step}) must be positive")
-        return self
-
-
-def default_search_params(arch: Any = "lenet") -> dict[str, SearchParam]:
-    """lr, momentum, and dropout where the harness adds it (not to a model factory's own model)."""
-    params = {
-        "optimizer.lr": SearchParam(type="float", low=1e-4, high=1.0, log=True),
-        "optimizer.momentum": SearchParam(type="float", low=0.0, high=0.99),
-        "model.dropout": SearchParam(type="float", low=0.0, high=0.7),
-    }
-    if isinstance(arch, str) and ":" in arch:
-        del params["model.dropout"]
-    return params
-
-
-class SearchSpec(_Section):
-    params: dict[str, SearchParam] = Field(default_factory=default_search_params)
-    metric: str = "val/acc"
-    direction: Literal["maximize", "minimize"] = "maximize"
-
-    @field_validator("metric")
-    @classmethod
-    def _metric(cls, v: str) -> str:
-        if not v.startswith(("train/", "val/")):
-            raise ValueError(f"the objective must be a per-epoch train/ or val/ metric, got {v[:60]!r} "
-                             "(never tune on test/)")
         return v
