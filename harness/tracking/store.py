@@ -12,7 +12,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from harness.errors import StoreError, TrackingServerGone, mask_url
+from harness.errors import StoreError, TrackingServerGone, first_line, mask_url
 from harness.tracking.sqlite_files import check_sqlite_file, create_once, sqlite_path
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -38,8 +38,38 @@ def check_tracking_uri(uri: str) -> None:
                          f"mysql://... or http(s)://HOST (a tracking server)")
     if scheme == "sqlite":
         db = sqlite_path(uri)
-        if db is not None:
-            check_sqlite_file(db, shown, "SQLite database")
+        if db is None:
+            raise StoreError(f"{shown}: names no file (an in-memory store loses every run as the command "
+                             f"ends); use sqlite:///mlflow.db (the default) or sqlite:///PATH")
+        check_sqlite_file(db, shown, "SQLite database")
+    elif scheme not in ("http", "https", "databricks"):
+        _check_database(uri, shown)
+
+
+def _check_database(uri: str, shown: str) -> None:
+    """A database URI: the driver it names (or SQLAlchemy's default for its database) is installed, and
+    the database answers (one connection, ~10 ms on this machine)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+
+    try:
+        make_url(uri).get_dialect().import_dbapi()
+    except (ImportError, NoSuchModuleError) as e:
+        hint = "pip install 'psycopg[binary]' or write postgresql+psycopg2://..." if uri.startswith("postgres") \
+            else "install its driver"
+        raise StoreError(f"{shown}: missing database driver ({first_line(e)}); {hint}") from None
+    except ArgumentError as e:
+        raise StoreError(f"{shown}: not a database URL ({first_line(e)})") from None
+    engine = create_engine(uri, connect_args={"connect_timeout": 10} if uri.startswith(("postgres", "mysql")) else {})
+    try:
+        with engine.connect():
+            pass
+    except SQLAlchemyError as e:
+        raise StoreError(f"{shown}: the database does not answer ({first_line(e.orig or e)}); start it, or check "
+                         f"the host, port, user and password") from None
+    finally:
+        engine.dispose()
 
 
 def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
