@@ -17,8 +17,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("spec", help="experiment spec (YAML), e.g. experiments/digits_lenet.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="typed spec overrides")
-    p.add_argument("--resume", metavar="RUN_ID", type=run_id, help="continue this MLflow run from its last checkpoint")
-    p.add_argument("--run-name", type=name_of(), help="MLflow run name (default <name>/<arch>-s<seed>, e.g. digits-lenet/lenet-s0)")
+    p.add_argument("--resume", metavar="RUN_ID", type=run_id,
+                   help="continue this MLflow run from its last checkpoint")
+    p.add_argument("--run-name", type=name_of(),
+                   help="MLflow run name (default <name>/<arch>-s<seed>, e.g. digits-lenet/lenet-s0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_intermixed_args(argv)  # overrides may follow options
 

@@ -77,20 +77,20 @@ def threads_for(workers: int) -> int:
     return max(1, cores() // workers)
 
 
-def check_workers(workers: int, flag: str = "--workers", available: float | None = None) -> None:
+def check_workers(workers: int, available: float | None = None) -> None:
     """Before ``workers`` worker processes start: refuse a count the machine's memory cannot hold (each
     imports torch and MLflow: at least :data:`WORKER_GIB`; ``available`` GiB, by default what
     ``/proc/meminfo`` says); more workers than cores is kept, with a warning."""
     free = available_gib() if available is None else available
     if workers > 1 and free is not None and workers * WORKER_GIB > free:
         fits = max(1, int(free // WORKER_GIB))
-        raise UserError(f"{flag} {workers}: each worker process holds at least ~{WORKER_GIB} GiB (torch, "
+        raise UserError(f"--workers {workers}: each worker process holds at least ~{WORKER_GIB} GiB (torch, "
                         f"MLflow, the data; more for a bigger model), {workers} need ~{workers * WORKER_GIB:.0f} "
-                        f"GiB and this machine has {free:.1f} GiB available: at most {flag} {fits} fits "
-                        f"({flag} {cores()} already keeps its {cores()} core(s) busy)")
+                        f"GiB and this machine has {free:.1f} GiB available: at most --workers {fits} fits "
+                        f"(--workers {cores()} already keeps its {cores()} core(s) busy)")
     if workers > cores():
-        log.warning("%s %d is more than the %d core(s) of this machine: the workers take turns on them, one "
-                    "torch thread each, and each holds its own memory", flag, workers, cores())
+        log.warning("--workers %d is more than the %d core(s) of this machine: the workers take turns on them, "
+                    "one torch thread each, and each holds its own memory", workers, cores())
 
 
 def available_gib(path: str = "/proc/meminfo") -> float | None:

@@ -21,10 +21,14 @@ class _Section(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_bool_for_a_number(cls, v: Any, info: ValidationInfo) -> Any:  # pydantic takes true (or yes) as 1
-        if isinstance(v, bool) and cls.model_fields[info.field_name].annotation in (int, float, int | None, float | None):
+    def _no_bool_for_a_number(cls, v: Any, info: ValidationInfo) -> Any:
+        """``train.epochs=true`` (or YAML's ``yes``) is not 1, as pydantic's lax mode would take it."""
+        if isinstance(v, bool) and cls.model_fields[info.field_name].annotation in _NUMBERS:
             raise ValueError("expected a number, not a yes/no value")
         return v
+
+
+_NUMBERS = (int, float, int | None, float | None)  # field types a yes/no value is refused for
 
 
 def _seed(v: int) -> int:

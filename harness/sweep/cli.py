@@ -45,8 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="start no new trial after S seconds (running trials finish)")
     p.add_argument("--workers", type=positive_int, default=1, metavar="K",
                    help="worker processes on this machine sharing the study, each with cores/K threads")
-    p.add_argument("--study", type=name_of(MAX_NAME - len("sweep:")), help="study name (default <spec name>-<spec hash>, so the same spec and "
-                                   "overrides resume the same study)")
+    p.add_argument("--study", type=name_of(MAX_NAME - len("sweep:")),  # the parent run is sweep:<study>
+                   help="study name (default <spec name>-<spec hash>, so the same spec and overrides resume "
+                        "the same study)")
     p.add_argument("--storage", metavar="URL",
                    help="Optuna storage: a journal file path, sqlite:///..., postgresql://... "
                         "(default mlruns/optuna.journal)")

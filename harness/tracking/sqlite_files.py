@@ -97,20 +97,20 @@ def _create(db: Path) -> None:
 
 def _rows(db: Path, table: str) -> int | None:
     """Rows in ``table`` of a SQLite file (None: no such table, or unreadable)."""
-    import sqlite3
-
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-            return conn.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]
-    except sqlite3.Error:
-        return None
+    found = _query(db, f'SELECT count(*) FROM "{table}"')
+    return found[0][0] if found else None
 
 
 def _tables(db: Path) -> set[str]:
+    return {r[0] for r in _query(db, "SELECT name FROM sqlite_master WHERE type = 'table'") or []}
+
+
+def _query(db: Path, sql: str) -> list[tuple] | None:
+    """``sql``'s rows, read from the file without writing to it; None where it cannot be read."""
     import sqlite3
 
     try:
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-            return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            return conn.execute(sql).fetchall()
     except sqlite3.Error:
-        return set()
+        return None

@@ -42,8 +42,12 @@ def check_tracking_uri(uri: str) -> None:
             raise StoreError(f"{shown}: names no file (an in-memory store loses every run as the command "
                              f"ends); use sqlite:///mlflow.db (the default) or sqlite:///PATH")
         check_sqlite_file(db, shown, "SQLite database")
-    elif scheme not in ("http", "https", "databricks"):
+    elif scheme not in ("http", "https", "databricks") and uri not in _answered:
         _check_database(uri, shown)
+        _answered.add(uri)
+
+
+_answered: set[str] = set()  # database URIs checked by this process (a sweep builds a tracker per trial)
 
 
 def _check_database(uri: str, shown: str) -> None:
@@ -61,7 +65,8 @@ def _check_database(uri: str, shown: str) -> None:
         raise StoreError(f"{shown}: missing database driver ({first_line(e)}); {hint}") from None
     except ArgumentError as e:
         raise StoreError(f"{shown}: not a database URL ({first_line(e)})") from None
-    engine = create_engine(uri, connect_args={"connect_timeout": 10} if uri.startswith(("postgres", "mysql")) else {})
+    timeout = {"connect_timeout": 10} if uri.startswith(("postgres", "mysql")) else {}
+    engine = create_engine(uri, connect_args=timeout)
     try:
         with engine.connect():
             pass
@@ -93,8 +98,8 @@ def keepalive_delay(uri: str, n: int = 5) -> float:
     """Seconds a request to tracking server ``uri`` waits on a kept-alive connection beyond one on a new
     connection (medians of ``n`` ``/health`` requests each). About 0.04 where the server's sockets lack
     TCP_NODELAY: uvicorn before 0.55 with ``--workers`` above 1, which ``mlflow server`` runs by default
-    (4), bound its socket so that asyncio left Nagle's algorithm on (uvicorn issue #3149); each response's last
-    segment then waits for the client's delayed ACK, 40 ms on Linux, at every request after a
+    (4), bound its socket so that asyncio left Nagle's algorithm on (uvicorn issue #3149); each
+    response's last segment then waits for the client's delayed ACK, 40 ms on Linux, at every request after a
     connection's first."""
     import statistics
     import time
@@ -133,9 +138,9 @@ def slow_keepalive(uri: str, threshold_s: float = 0.02) -> str | None:
         return None
     return (f"the tracking server {mask_url(uri)} answers every request on a kept-alive connection "
             f"{1000 * delay:.0f} ms late (its sockets run without TCP_NODELAY: e.g. `mlflow server "
-            f"--workers N` with N > 1 on uvicorn before 0.55, uvicorn issue #3149); the harness opens a new connection for each "
-            f"request instead; across a network, better: start it with --workers 1, as scripts/servers.sh "
-            f"does")
+            f"--workers N` with N > 1 on uvicorn before 0.55, uvicorn issue #3149); the harness opens a new "
+            f"connection for each request instead; across a network, better: start it with --workers 1, as "
+            f"scripts/servers.sh does")
 
 
 def choose_connections(uri: str) -> None:
