@@ -353,6 +353,33 @@ def test_pruned_trial_keeps_its_curve_and_state_tag(fast_store, monkeypatch):
     assert "best/val/acc" not in parent.data.metrics
 
 
+def test_without_a_pruner_reports_go_out_in_the_background_and_land_before_the_trial_ends(fast_store,
+                                                                                        monkeypatch):
+    """No pruner reads a trial's reports: they leave the main thread (a transaction each on a database
+    storage) and the trial's end waits for them, even when the storage is slow."""
+    import threading
+
+    from optuna.storages import JournalStorage
+
+    report = JournalStorage.set_trial_intermediate_value
+    threads = []
+
+    def slow_report(self, trial_id, step, value):
+        threads.append(threading.current_thread().name)
+        time.sleep(0.3)
+        return report(self, trial_id, step, value)
+
+    monkeypatch.setattr(JournalStorage, "set_trial_intermediate_value", slow_report)
+    assert sweep("--n-trials", "2", "--pruner", "none", "train.epochs=3") == 0
+    study = the_study()
+    assert states(study) == ["COMPLETE", "COMPLETE"]
+    for t in study.trials:
+        assert sorted(t.intermediate_values) == [1, 2, 3] and t.value == t.intermediate_values[3]
+        assert t.user_attrs["mlflow_run_id"] and t.user_attrs["failure_reason"] == ""
+        assert t.user_attrs["epochs"] == 3
+    assert len(threads) == 6 and "MainThread" not in threads
+
+
 def test_median_and_hyperband_pruners_run(fast_store):
     assert sweep("--n-trials", "3", "--pruner", "hyperband", "--sampler", "random") == 0
     assert sweep("--n-trials", "3", "--pruner", "median", "--study", "median") == 0

@@ -143,3 +143,34 @@ def test_a_child_run_names_its_parent_without_reading_it(fast_store):
         pass
     assert client.get_run(orphan.run_id).data.tags["mlflow.parentRunId"] == parent.run_id
     assert client.get_run(orphan.run_id).info.status == "FINISHED"
+
+
+def test_a_wait_interrupted_by_ctrl_c_still_waits_at_the_end():
+    """A Ctrl-C while waiting for a background request must not forget it: the run's (or trial's) end
+    waits for it again, or its write could land after the end was written."""
+    from harness.tracking.sender import Sender
+
+    send, landed, release = Sender(), [], threading.Event()
+
+    def slow_request():
+        release.wait(10)
+        landed.append("request")
+
+    with send.background():
+        send(slow_request)
+
+    def ctrl_c(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, ctrl_c)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(KeyboardInterrupt):
+            send.wait()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert landed == []
+    threading.Timer(0.3, release.set).start()
+    assert send.settle(quietly=True) is None
+    assert landed == ["request"]

@@ -128,7 +128,7 @@ def fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
 
 
 MAX_RETRIES = 3  # params that kill their worker every time are not queued forever
-ASKED_WITH = {"mlflow_run_id": "", "failure_reason": ""}  # user attributes a trial holds from its start
+ASKED_WITH = {"mlflow_run_id": "", "failure_reason": ""}  # user attributes every trial holds, empty at first
 
 
 def retried_numbers(study: optuna.Study) -> set[int]:
@@ -167,9 +167,9 @@ def reserve(study: optuna.Study, space: dict[str, BaseDistribution], n_trials: i
             warnings.filterwarnings("ignore", message=".*Heartbeat.*", category=UserWarning)
             trial = study.ask(fixed_distributions=space)
         failpoints.reach("after_trial_asked")
-        # Inside the lock: until these are written, another worker could take the trial for stale.
-        for key, value in {"worker": worker, **ASKED_WITH}.items():
-            trial.set_user_attr(key, value)
+        # Inside the lock: until it is written, another worker could take the trial for stale. (The
+        # worker writes ASKED_WITH itself, in the background while the trial starts.)
+        trial.set_user_attr("worker", worker)
     return trial
 
 

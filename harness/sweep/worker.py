@@ -24,6 +24,7 @@ attributes ``mlflow_run_id``, ``epochs``, ``seconds``, ``failure_reason`` (faile
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -42,6 +43,7 @@ from harness.sweep import parent
 from harness.sweep import storage as sto
 from harness.sweep import study as st
 from harness.sweep.context import Context, data_key
+from harness.tracking.sender import Sender
 
 log = logging.getLogger("harness.sweep")
 
@@ -86,6 +88,7 @@ class Outcome:
     seconds: float
     run_id: str | None
     reason: str = ""
+    trial: FrozenTrial | None = None  # as the storage holds it once told (no read-back on a database)
 
 
 def run_worker(ctx: Context, on_trial: Callable[[FrozenTrial, Outcome], None] | None = None) -> int:
@@ -100,9 +103,8 @@ def run_worker(ctx: Context, on_trial: Callable[[FrozenTrial, Outcome], None] | 
         if trial is None:
             break
         outcome = run_trial(ctx, trial)
-        frozen = ctx.study._storage.get_trial(trial._trial_id)
         if on_trial is not None:
-            on_trial(frozen, outcome)
+            on_trial(outcome.trial or ctx.study._storage.get_trial(trial._trial_id), outcome)
         failures = failures + 1 if outcome.state == TrialState.FAIL else 0
         if failures >= MAX_CONSECUTIVE_FAILURES:
             log.error("%d trials in a row failed (last: %s); stopping this worker", failures,
@@ -123,22 +125,31 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
     last_epoch = int(trial.params.get("train.epochs", ctx.spec.train.epochs))
     seen: dict[str, Any] = {"epochs": 0}
     tracker: MlflowTracker | None = None
+    # The trial's Optuna writes that nothing reads before its end (the empty attributes every trial holds,
+    # the run id, the reports no pruner reads) go out on a thread of their own, in order, while it trains:
+    # each is a transaction (2-7 ms on PostgreSQL). Its end waits for them; a kill leaves a prefix.
+    writes = Sender(f"optuna-trial-{n}")
+    with writes.background():
+        for key, v in st.ASKED_WITH.items():
+            writes(trial.set_user_attr, key, v)
 
     def on_epoch(epoch: int, metrics: dict) -> None:
-        if seen["epochs"] == 0:
-            trial.set_user_attr("mlflow_run_id", tracker.run_id)
-            seen["run_id"] = tracker.run_id
-        seen["epochs"] = epoch
         if metric not in metrics:
             raise UserError(f"search.metric {metric!r} is not a per-epoch metric of this run; "
                             f"choose one of {sorted(k for k in metrics if '/' in k)}")
         value = float(metrics[metric])
-        if not math.isfinite(value):
-            raise Diverged(f"{metric} is {value} at epoch {epoch}")
-        trial.report(value, epoch)
         # The last epoch is never pruned: it is already paid for, and a whole curve teaches more.
+        prunable = epoch < last_epoch and ctx.pruner != "none"
+        with writes.background() if not prunable else contextlib.nullcontext():
+            if seen["epochs"] == 0:
+                writes(trial.set_user_attr, "mlflow_run_id", tracker.run_id)
+                seen["run_id"] = tracker.run_id
+            seen["epochs"] = epoch
+            if not math.isfinite(value):
+                raise Diverged(f"{metric} is {value} at epoch {epoch}")
+            writes(trial.report, value, epoch)  # with a pruner: after the writes before it
         # (should_prune reads the trial back from the storage: a query per epoch, for no pruner too)
-        if epoch < last_epoch and ctx.pruner != "none" and trial.should_prune():
+        if prunable and trial.should_prune():
             raise Stopped(f"pruned by the {ctx.pruner} pruner at epoch {epoch}")
 
     created_name = parent.trial_run_name(n, TrialState.RUNNING)
@@ -155,6 +166,7 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
         result = run(spec, tracker=tracker, run_name=created_name,
                      parent_run_id=ctx.parent_run_id, tags=tags, on_epoch=on_epoch, progress=False,
                      data=_data(ctx, spec), system_metrics=None)
+        writes.wait()  # a write that failed fails the trial as it would have in its epoch
         value = float(result.metrics[metric])
         if math.isfinite(value):
             state = TrialState.COMPLETE
@@ -193,6 +205,7 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
         else:
             log.error("trial %d crashed:\n%s", n, traceback.format_exc())
     finally:
+        writes.settle(quietly=True)  # before the trial's end is written; ended on an error of its own
         beat.stop()
     seconds = time.perf_counter() - t0
     mlflow_gone = isinstance(interrupted, TrackingServerGone)
@@ -209,24 +222,25 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
             if key not in held or held[key] != v:
                 trial.set_user_attr(key, v)
         failpoints.reach("before_trial_told")
-        ctx.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        told = ctx.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
         failpoints.reach("after_trial_told")
     except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError) as e:
         # Another process failed this trial as stale while it ran (a heartbeat lost to a long stall).
         log.warning("trial %d could not be told %s (%s); its MLflow run keeps the result",
                     n, state.name, str(e).splitlines()[0])
-        state = ctx.study._storage.get_trial(trial._trial_id).state
+        told = ctx.study._storage.get_trial(trial._trial_id)
+        state = told.state
     if run_id and not mlflow_gone:
         name = parent.trial_run_name(n, state, reason)  # renamed only when it says more (a rename: 2 requests)
         parent.end_run(run_id, "KILLED" if reason == "interrupted" else None, parent.trial_tags(state, reason),
                        name=name if name != created_name else None)
     if state == TrialState.FAIL and (retry_params or reason == "interrupted"):
         # Interrupted (Ctrl-C, SIGTERM) or the store was busy: nothing was learned about the params.
-        st.retry(ctx.study, ctx.study._storage.get_trial(trial._trial_id))
+        st.retry(ctx.study, told)
     if interrupted is not None:
         raise interrupted
     return Outcome(state, value if state == TrialState.COMPLETE else None, seen["epochs"], seconds,
-                   run_id, reason)
+                   run_id, reason, told)
 
 
 def _store_busy(e: BaseException) -> bool:

@@ -19,7 +19,8 @@ log = logging.getLogger("harness.tracking")
 class Sender:
     """Calls ``fn(*args)`` now, or inside :meth:`background` on its thread, in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "harness-tracking") -> None:
+        self._name = name  # of its thread
         self._later = False
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
@@ -35,7 +36,7 @@ class Sender:
     def __call__(self, fn: Callable, *args, **kwargs) -> None:
         if self._later:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="harness-tracking")
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix=self._name)
             self._pending.append(self._pool.submit(fn, *args, **kwargs))
             return
         self.wait()
@@ -43,8 +44,8 @@ class Sender:
 
     def wait(self) -> None:
         """Every request sent in the background has landed; the first one that failed raises here."""
+        futures.wait(self._pending)  # interrupted here, they are still pending: settle() waits again
         pending, self._pending = self._pending, []
-        futures.wait(pending)
         for f in pending:
             if f.exception() is not None:
                 raise f.exception()
