@@ -280,6 +280,28 @@ def test_sigterm_ends_the_trial_killed_and_queues_its_params_again(fast_store, t
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
+@pytest.mark.parametrize("instant", ["harness.sweep.worker.cleanup_stale", "harness.sweep.report.summarize"])
+def test_sigterm_before_or_after_the_trials_leaves_no_parent_run_running(fast_store, tmp_path, instant):
+    """A SIGTERM while the sweep starts (its parent run just made) or sums up: exit 130 in one line, and the
+    parent run ended, never RUNNING (the signal's default action ended the process on the spot)."""
+    module, name = instant.rsplit(".", 1)
+    code = (f"import os, signal, sys, {module} as m\n"
+            f"real = m.{name}\n"
+            f"def at_the_instant(*a, **k):\n"
+            f"    os.kill(os.getpid(), signal.SIGTERM)\n"
+            f"    return real(*a, **k)\n"
+            f"m.{name} = at_the_instant\n"
+            f"from harness.sweep.cli import main\n"
+            f"sys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", code, SPEC, *FAST, "--n-trials", "1"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "interrupted" in proc.stderr
+    (parent,) = children_and_parent(fast_store)[0]
+    assert parent.info.status == ("KILLED" if "cleanup" in name else "FINISHED")
+
+
 def test_retry_failed_queues_the_params_of_crashed_trials(fast_store):
     from harness.spec import load_spec
     from harness.sweep.space import distributions

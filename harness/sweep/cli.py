@@ -109,29 +109,51 @@ def _sweep(args: argparse.Namespace) -> int:
     (here or in K worker processes), then print and log the summary."""
     import time
 
-    from harness.errors import TrackingServerGone
     from harness.sweep import parent, worker
     from harness.sweep import report as sweep_report
     from harness.sweep.context import open_context
-    from harness.tracking import sysmetrics
 
     t0 = time.perf_counter()
-    ctx = open_context(args, on_stale=worker.on_stale)
-    parent.ensure_parent_run(ctx)
-    worker.cleanup_stale(ctx)
-    if args.retry_failed:
-        n = worker.retry_failed_trials(ctx)
-        if n:
-            print(f"queued {n} failed trial(s) to run again with the same params", flush=True)
-    _print_header(ctx)
-    parent.set_parent_status(ctx, "RUNNING")
+    # SIGTERM is Ctrl-C from the study's opening to the summary's end: a parent run created, or marked
+    # RUNNING, then ends KILLED instead of staying RUNNING (it was the default action, a silent exit).
+    with sigterm_as_interrupt():
+        ctx = open_context(args, on_stale=worker.on_stale)
+        try:
+            parent.ensure_parent_run(ctx)
+            worker.cleanup_stale(ctx)
+            if args.retry_failed:
+                n = worker.retry_failed_trials(ctx)
+                if n:
+                    print(f"queued {n} failed trial(s) to run again with the same params", flush=True)
+            _print_header(ctx)
+            parent.set_parent_status(ctx, "RUNNING")
+        except KeyboardInterrupt:
+            if ctx.parent_run_id:
+                parent.set_parent_status(ctx, "KILLED")
+            raise
+        rc = _trials(args, ctx)
+        summary = sweep_report.summarize(ctx)
+        sweep_report.print_summary(ctx, summary)
+        sweep_report.log_to_parent(ctx, summary)
+    print(f"sweep took {time.perf_counter() - t0:.0f}s", flush=True)
+    if rc:
+        print("harness.sweep: some trials crashed (see the errors above); fix the cause and run the same "
+              "command again to resume", file=sys.stderr)
+    return rc
+
+
+def _trials(args: argparse.Namespace, ctx) -> int:
+    """The trials, here or in K worker processes; the parent run ends with their outcome."""
+    from harness.errors import TrackingServerGone
+    from harness.sweep import parent, worker
+    from harness.tracking import sysmetrics
+
     status: str | None = "FAILED"
     try:
         # The machine's load over the whole sweep, on the parent run (each trial has its own too).
         with sysmetrics.sampling(ctx.parent_run_id, resume=True):
             if args.workers == 1:
-                with sigterm_as_interrupt():
-                    rc = worker.run_worker(ctx, on_trial=_printer(ctx))
+                rc = worker.run_worker(ctx, on_trial=_printer(ctx))
             else:
                 rc = _run_workers(args, ctx)
         status = "FINISHED" if rc == 0 else "FAILED"
@@ -145,13 +167,6 @@ def _sweep(args: argparse.Namespace) -> int:
     finally:
         if status is not None:
             parent.set_parent_status(ctx, status)
-    summary = sweep_report.summarize(ctx)
-    sweep_report.print_summary(ctx, summary)
-    sweep_report.log_to_parent(ctx, summary)
-    print(f"sweep took {time.perf_counter() - t0:.0f}s", flush=True)
-    if rc:
-        print("harness.sweep: some trials crashed (see the errors above); fix the cause and run the same "
-              "command again to resume", file=sys.stderr)
     return rc
 
 
