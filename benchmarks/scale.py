@@ -47,7 +47,7 @@ class Result:
     span_s: float
     trial_s: float  # median duration of one trial (start to end in Optuna)
     overhead_s: float  # median of (trial duration - its training and validation time)
-    between_s: float  # (workers x span - every trial's training and validation) / trials: gaps between trials too
+    between_s: float  # (workers x span - all trials' training and validation) / trials: with the gaps
 
     @property
     def per_min_wall(self) -> float:
@@ -208,8 +208,8 @@ def _ratios(results: list[Result]) -> None:
         extra = s.between_s - l.between_s
         print(f"per-trial overhead of PostgreSQL + mlflow server vs the local stores (1 worker): "
               f"{extra:+.2f} s a trial ({s.between_s:.2f} s vs {l.between_s:.2f} s of each trial spent "
-              f"outside training and validation, the gaps between trials included); steady rate {s.per_min_steady / l.per_min_steady:.2f}x "
-              f"of the local stores'")
+              f"outside training and validation, the gaps between trials included); steady rate "
+              f"{s.per_min_steady / l.per_min_steady:.2f}x of the local stores'")
 
 
 if __name__ == "__main__":

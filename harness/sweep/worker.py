@@ -87,8 +87,8 @@ class Outcome:
     epochs: int
     seconds: float
     run_id: str | None
+    trial: FrozenTrial  # as the storage holds it once told (no read-back on a database)
     reason: str = ""
-    trial: FrozenTrial | None = None  # as the storage holds it once told (no read-back on a database)
 
 
 def run_worker(ctx: Context, on_trial: Callable[[FrozenTrial, Outcome], None] | None = None) -> int:
@@ -104,7 +104,7 @@ def run_worker(ctx: Context, on_trial: Callable[[FrozenTrial, Outcome], None] | 
             break
         outcome = run_trial(ctx, trial)
         if on_trial is not None:
-            on_trial(outcome.trial or ctx.study._storage.get_trial(trial._trial_id), outcome)
+            on_trial(outcome.trial, outcome)
         failures = failures + 1 if outcome.state == TrialState.FAIL else 0
         if failures >= MAX_CONSECUTIVE_FAILURES:
             log.error("%d trials in a row failed (last: %s); stopping this worker", failures,
@@ -240,7 +240,7 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
     if interrupted is not None:
         raise interrupted
     return Outcome(state, value if state == TrialState.COMPLETE else None, seen["epochs"], seconds,
-                   run_id, reason, told)
+                   run_id, told, reason)
 
 
 def _store_busy(e: BaseException) -> bool:
