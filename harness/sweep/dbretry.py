@@ -94,7 +94,10 @@ for _name in ("create_new_study", "delete_study", "set_study_user_attr", "set_st
 @contextlib.contextmanager
 def pg_advisory_lock(engine, key: int) -> Iterator[None]:
     """PostgreSQL's session advisory lock ``key``, taken through a database restart. If the connection
-    dies while the lock is held, the server has released it already: the unlock is skipped."""
+    dies while the lock is held, the server has released it already: the unlock is skipped.
+
+    ``engine`` may pool its connections: one goes back to the pool only after its unlock succeeded;
+    any other way out (an error, Ctrl-C mid-query) closes it, and its session's locks end with it."""
     import sqlalchemy
 
     def acquire():
@@ -102,19 +105,32 @@ def pg_advisory_lock(engine, key: int) -> Iterator[None]:
         try:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
         except BaseException:
-            conn.close()
+            _discard(conn)
             raise
         return conn
 
     conn = call_with_retry(acquire, what="the sweep's lock on the Optuna storage")
+    unlocked = False
     try:
         yield
     finally:
         try:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            unlocked = True
         except Exception as e:
             if not is_disconnect(e):
                 raise
         finally:
-            with contextlib.suppress(Exception):
-                conn.close()
+            if unlocked:
+                with contextlib.suppress(Exception):
+                    conn.close()  # back to the pool, its session holding nothing
+            else:
+                _discard(conn)
+
+
+def _discard(conn) -> None:
+    """Close ``conn``'s database session for good (not back to a pool): what it held is released."""
+    with contextlib.suppress(Exception):
+        conn.invalidate()
+    with contextlib.suppress(Exception):
+        conn.close()

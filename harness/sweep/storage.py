@@ -219,7 +219,12 @@ def _db_lock(url: str) -> Iterator[None]:
 
     engine = _LOCK_ENGINES.get(url)
     if engine is None:
-        engine = _LOCK_ENGINES[url] = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        # PostgreSQL: one connection kept for the lock (a new one is a server process forked and
+        # authenticated, ~10 ms a trial), checked before each use, closed when its session could still
+        # hold the lock (dbretry.pg_advisory_lock). Elsewhere a connection per lock.
+        pooled = url.split("+", 1)[0].split(":", 1)[0] in ("postgresql", "postgres")
+        engine = _LOCK_ENGINES[url] = sqlalchemy.create_engine(url, pool_size=1, pool_pre_ping=True) if pooled \
+            else sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
     if engine.dialect.name == "postgresql":  # type: ignore[attr-defined]
         from harness.sweep.dbretry import pg_advisory_lock  # taken through a database restart
 
