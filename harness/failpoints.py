@@ -25,8 +25,10 @@ POINTS = {
     # harness.sweep
     "after_parent_run_created": "the sweep's parent run exists; the study does not know it yet",
     "after_trial_asked": "Optuna handed out a trial; its worker is not recorded yet",
-    "before_trial_told": "the trial's run ended; Optuna has not been told its result",
-    "after_trial_told": "Optuna knows the result; the trial's run is not tagged with it yet",
+    "before_trial_told": "the trial's run ended; Optuna has not been told its result (the run's final "
+                         "tags are on their way meanwhile)",
+    "after_trial_told": "Optuna knows the result; the trial's run may not be tagged with it yet",
+    "after_trial_run_tagged": "the trial's run has its final tags; Optuna may not have been told yet",
 }
 
 _hits: dict[str, int] = {}

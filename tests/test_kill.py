@@ -144,7 +144,8 @@ SWEEP = [DIGITS, "train.epochs=2", "data.limit_train=300", "train.sanity_check=f
          "--n-trials", "3", "--sampler", "random", "--pruner", "none", "--study", "killed"]
 SWEEP_POINTS = [pytest.param("after_parent_run_created", marks=SLOW), "after_trial_asked:2",
                 pytest.param("after_run_created:2", marks=SLOW), pytest.param("after_epoch_metrics:3", marks=SLOW),
-                pytest.param("before_trial_told:2", marks=SLOW), pytest.param("after_trial_told:2", marks=SLOW)]
+                pytest.param("before_trial_told:2", marks=SLOW), pytest.param("after_trial_told:2", marks=SLOW),
+                pytest.param("after_trial_run_tagged:2", marks=SLOW)]
 
 
 def _env() -> dict:

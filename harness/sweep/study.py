@@ -8,9 +8,11 @@ trial is PRUNED). FAIL trials (a crash, a killed worker) do not count, so a stud
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import platform
+import threading
 import warnings
 from collections import Counter
 from typing import Any, Callable, ContextManager
@@ -23,6 +25,8 @@ from optuna.trial import FrozenTrial, TrialState
 from harness import failpoints
 from harness.errors import StoreError
 from harness.spec import Spec
+
+log = logging.getLogger("harness.sweep")
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 RESERVED = COUNTED + (TrialState.RUNNING,)
@@ -215,3 +219,30 @@ def override_line(params: dict[str, Any]) -> str:
         return str(v)
 
     return " ".join(f"{k}={one(v)}" for k, v in params.items())
+
+
+class Heartbeat:
+    """Optuna's heartbeat for RDB storages during an ask-and-tell trial (optimize() does it itself)."""
+
+    def __init__(self, study: optuna.Study, trial: optuna.Trial):
+        storage = study._storage
+        interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+        self._stop = threading.Event()
+        self._thread = None
+        if interval:
+            def beat() -> None:
+                while True:
+                    try:
+                        storage.record_heartbeat(trial._trial_id)
+                    except Exception as e:  # a dropped connection: keep trying, the trial goes on
+                        log.warning("heartbeat for trial %d failed: %s", trial.number, e)
+                    if self._stop.wait(interval):
+                        return
+
+            self._thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{trial.number}")
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

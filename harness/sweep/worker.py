@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -57,7 +56,9 @@ def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:
     reason = trial.user_attrs.get("failure_reason") or "stale: its worker stopped sending heartbeats"
     run_id = parent.find_trial_run(study.study_name, trial)
     if run_id:
-        parent.end_run(run_id, "KILLED", {"optuna.state": "FAIL", "failure_reason": reason})
+        # Named as a failed trial: a kill while its end was told may have renamed it "(pruned)" already.
+        parent.end_run(run_id, "KILLED", {"optuna.state": "FAIL", "failure_reason": reason},
+                       name=parent.trial_run_name(trial.number, TrialState.FAIL))
     st.retry(study, trial)
     log.warning("trial %d was left RUNNING (%s): marked FAIL%s, queued again with the same params",
                 trial.number, reason, f", its MLflow run {run_id} KILLED" if run_id else "")
@@ -157,7 +158,7 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
     state, value, reason = TrialState.FAIL, None, ""
     retry_params = False
     interrupted: BaseException | None = None
-    beat = _Heartbeat(ctx.study, trial)
+    beat = st.Heartbeat(ctx.study, trial)
     try:
         # A model per trial costs a dozen requests to a tracking server (MLflow links it to every
         # metric): trials keep their checkpoints, and the best params' harness.train line logs one.
@@ -210,30 +211,47 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
     seconds = time.perf_counter() - t0
     mlflow_gone = isinstance(interrupted, TrackingServerGone)
     run_id = tracker.run_id if tracker is not None else None
-    try:
-        pruned = state == TrialState.PRUNED and not reason.startswith("diverged")
-        attrs = {"mlflow_run_id": run_id or "", "epochs": seen["epochs"], "seconds": round(seconds, 2),
-                 "failure_reason": "" if pruned else reason, "stopped_early": reason if pruned else ""}
-        # What the trial already holds (st.ASKED_WITH since it was asked for, the run id since epoch 1) is
-        # not written again, nor an empty stopped_early: each attribute is a transaction of its own on a
-        # database storage.
-        held = {**st.ASKED_WITH, "mlflow_run_id": seen.get("run_id", ""), "stopped_early": ""}
-        for key, v in attrs.items():
-            if key not in held or held[key] != v:
-                trial.set_user_attr(key, v)
-        failpoints.reach("before_trial_told")
-        told = ctx.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
-        failpoints.reach("after_trial_told")
-    except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError) as e:
-        # Another process failed this trial as stale while it ran (a heartbeat lost to a long stall).
-        log.warning("trial %d could not be told %s (%s); its MLflow run keeps the result",
-                    n, state.name, str(e).splitlines()[0])
-        told = ctx.study._storage.get_trial(trial._trial_id)
-        state = told.state
-    if run_id and not mlflow_gone:
+    tagged = Sender(f"mlflow-trial-{n}")  # the run's final tags, sent while Optuna is told
+
+    def tag_run(state: TrialState) -> None:
         name = parent.trial_run_name(n, state, reason)  # renamed only when it says more (a rename: 2 requests)
         parent.end_run(run_id, "KILLED" if reason == "interrupted" else None, parent.trial_tags(state, reason),
                        name=name if name != created_name else None)
+        failpoints.reach("after_trial_run_tagged")
+
+    planned = state
+    if run_id and not mlflow_gone:
+        # Optuna's writes and this request go to different servers: at once, not one after the other. A
+        # kill before Optuna is told leaves a run tagged with a state its trial never got: the next start
+        # fails the trial as stale and tags its run FAIL (on_stale), as it does an untagged one.
+        with tagged.background():
+            tagged(tag_run, planned)
+    try:
+        try:
+            pruned = state == TrialState.PRUNED and not reason.startswith("diverged")
+            attrs = {"mlflow_run_id": run_id or "", "epochs": seen["epochs"], "seconds": round(seconds, 2),
+                     "failure_reason": "" if pruned else reason, "stopped_early": reason if pruned else ""}
+            # What the trial already holds (st.ASKED_WITH since it was asked for, the run id since epoch 1)
+            # is not written again, nor an empty stopped_early: each attribute is a transaction of its own
+            # on a database storage.
+            held = {**st.ASKED_WITH, "mlflow_run_id": seen.get("run_id", ""), "stopped_early": ""}
+            for key, v in attrs.items():
+                if key not in held or held[key] != v:
+                    trial.set_user_attr(key, v)
+            failpoints.reach("before_trial_told")
+            told = ctx.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+            failpoints.reach("after_trial_told")
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError) as e:
+            # Another process failed this trial as stale while it ran (a heartbeat lost to a long stall).
+            log.warning("trial %d could not be told %s (%s); its MLflow run keeps the result",
+                        n, state.name, str(e).splitlines()[0])
+            told = ctx.study._storage.get_trial(trial._trial_id)
+            state = told.state
+        tagged.wait()
+    finally:
+        tagged.settle(quietly=True)  # only when Optuna's side raised: its error is the one to report
+    if run_id and not mlflow_gone and state != planned:
+        tag_run(state)  # the state the trial really ended in
     if state == TrialState.FAIL and (retry_params or reason == "interrupted"):
         # Interrupted (Ctrl-C, SIGTERM) or the store was busy: nothing was learned about the params.
         st.retry(ctx.study, told)
@@ -258,30 +276,3 @@ def _data(ctx: Context, spec: Spec):
         ctx._data.clear()
         ctx._data[key] = load_data(spec.data, spec.seed, resolve_device(spec.train.device))
     return ctx._data[key]
-
-
-class _Heartbeat:
-    """Optuna's heartbeat for RDB storages during an ask-and-tell trial (optimize() does it itself)."""
-
-    def __init__(self, study: optuna.Study, trial: optuna.Trial):
-        storage = study._storage
-        interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
-        self._stop = threading.Event()
-        self._thread = None
-        if interval:
-            def beat() -> None:
-                while True:
-                    try:
-                        storage.record_heartbeat(trial._trial_id)
-                    except Exception as e:  # a dropped connection: keep trying, the trial goes on
-                        log.warning("heartbeat for trial %d failed: %s", trial.number, e)
-                    if self._stop.wait(interval):
-                        return
-
-            self._thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{trial.number}")
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
