@@ -15,6 +15,10 @@ Printed: every round as it ends; a table of phases (median, min-max over rounds)
 and the result: wall time minus (torch import + training + validation), where training and validation
 are the run's own ``time/train_epoch_s`` and ``val/seconds`` summed over its epochs (goal: <= 2 s).
 The load average is printed at the start, every round and at the end.
+
+The floor, measured every round too: the same spec run by ``harness.run.run`` with the in-memory tracker
+(no MLflow: no import, no store, no model log) in a process of its own, and the same difference for it:
+what no way of tracking, in this process or another, could take off the command.
 """
 from __future__ import annotations
 
@@ -47,6 +51,22 @@ WRAP = {  # module: functions (Class.method) timed as they run
 
 
 # -- the child: harness.train, timed from outside ------------------------------------------------------
+
+def floor_child(argv: list[str], out: Path) -> None:
+    """The spec run with nothing tracked: harness.train's own steps, an in-memory tracker for MLflow."""
+    from harness.core.device import prepare_threads
+
+    prepare_threads()
+    from harness.spec import load_spec
+
+    spec = load_spec(argv[0], [a for a in argv[1:] if a != "--quiet"])
+    from harness.run import run
+    from harness.tracking.tracker import MemoryTracker
+
+    h = run(spec, tracker=MemoryTracker(), progress=False).history
+    out.write_text(json.dumps({"train+val": sum(h.get("time/train_epoch_s", [])) + sum(h.get("val/seconds", [])),
+                               "mlflow imported": "mlflow" in sys.modules}))
+
 
 def child(argv: list[str], out: Path) -> None:
     marks: list[tuple[str, str, float, float]] = []  # (what, thread, start, end), seconds since t0
@@ -131,17 +151,23 @@ def timed_command(cmd: list[str], cwd: Path, env: dict) -> float:
     return time.perf_counter() - t
 
 
-def one_command(work: Path, argv: list[str], env: dict) -> dict[str, float]:
-    """The phases of one harness.train command (main thread, seconds) and its wall time."""
-    marks_file = work / "marks.json"
+def run_child(role: str, work: Path, argv: list[str], env: dict) -> tuple[object, float]:
+    """This file as ``--child`` (harness.train, timed) or ``--floor-child`` (nothing tracked) in ``work``:
+    what it wrote and its wall time."""
+    out = work / f"{role}.json"
     env = {**env, "STARTUP_T0": repr(time.time())}
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, __file__, "--child", str(marks_file), "--", *argv], cwd=work, env=env,
+    r = subprocess.run([sys.executable, __file__, f"--{role}", str(out), "--", *argv], cwd=work, env=env,
                        capture_output=True, text=True)
     wall = time.perf_counter() - t
     if r.returncode != 0:
-        sys.exit(f"startup.py: harness.train failed ({r.returncode}):\n{r.stdout[-1000:]}\n{r.stderr[-3000:]}")
-    return phases(json.loads(marks_file.read_text()), wall)
+        sys.exit(f"startup.py: {role} failed ({r.returncode}):\n{r.stdout[-1000:]}\n{r.stderr[-3000:]}")
+    return json.loads(out.read_text()), wall
+
+
+def one_command(work: Path, argv: list[str], env: dict) -> dict[str, float]:
+    """The phases of one harness.train command (main thread, seconds) and its wall time."""
+    return phases(*run_child("child", work, argv, env))
 
 
 def phases(marks: list, wall: float) -> dict[str, float]:
@@ -197,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
         child(argv[3:], Path(argv[1]))
+    if argv[:1] == ["--floor-child"]:
+        return floor_child(argv[3:], Path(argv[1]))
     p = argparse.ArgumentParser(prog="python benchmarks/startup.py", description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
     p.add_argument("--spec", default=str(SPEC), help="experiment spec (default experiments/digits_lenet.yaml)")
@@ -206,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     cmd = [args.spec, *args.overrides, "--quiet"]
     print(f"python -m harness.train {' '.join(cmd)}: {args.rounds} round(s); {load()}", flush=True)
-    first, later, torch_s = [], [], []
+    first, later, torch_s, floor = [], [], [], []
     t0 = time.perf_counter()
     try:
         for rnd in range(1, args.rounds + 1):
@@ -216,19 +244,26 @@ def main(argv: list[str] | None = None) -> int:
                 torch_s.append(timed_command([sys.executable, "-c", "import torch"], work, env_r))
                 first.append(one_command(work, cmd, env_r))
                 later.append(one_command(work, cmd, env_r))
+                floor.append(floor_command(work, cmd, env_r))
             f, s = first[-1], later[-1]
             print(f"  round {rnd}: import torch {torch_s[-1]:.2f} s; first command {f['wall']:.2f} s (store "
                   f"created), next {s['wall']:.2f} s, of which training + validation {s['train+val']:.2f} s; "
-                  f"{load()}  [{time.perf_counter() - t0:.0f} s]", flush=True)
+                  f"untracked {floor[-1]['wall']:.2f} s; {load()}  [{time.perf_counter() - t0:.0f} s]", flush=True)
     except KeyboardInterrupt:
         print("startup.py: interrupted; the results so far:", file=sys.stderr, flush=True)
-    if later:
-        report(first, later, torch_s)
+    if floor:
+        report(first[:len(floor)], later[:len(floor)], torch_s[:len(floor)], floor)
     print(f"{load()} at the end")
     return 0
 
 
-def report(first: list[dict], later: list[dict], torch_s: list[float]) -> None:
+def floor_command(work: Path, argv: list[str], env: dict) -> dict:
+    """The wall time and training + validation of the spec run with nothing tracked."""
+    out, wall = run_child("floor-child", work, argv, env)
+    return {**out, "wall": wall}
+
+
+def report(first: list[dict], later: list[dict], torch_s: list[float], floor: list[dict]) -> None:
     n = len(later)
     print(f"\nthe second command's wall time by phase (main thread), seconds over {n} round(s): median (min-max)")
     keys = [k for k in later[0] if k not in ("wall", "train+val") and not k.startswith("import ")]
@@ -246,6 +281,11 @@ def report(first: list[dict], later: list[dict], torch_s: list[float]) -> None:
     print(f"RESULT wall - (torch import + training + validation) = {m:.2f} s, median of {n} "
           f"({min(rest):.2f}-{max(rest):.2f}) (goal <= 2 s: {'met' if m <= 2 else 'NOT met'}); "
           f"wall {statistics.median(r['wall'] for r in later):.2f} s")
+    bare = [r["wall"] - t - r["train+val"] for r, t in zip(floor, torch_s)]
+    print(f"FLOOR the same spec with nothing tracked (in-memory tracker; MLflow imported: "
+          f"{any(r['mlflow imported'] for r in floor)}): wall - (torch import + training + validation) = "
+          f"{statistics.median(bare):.2f} s ({min(bare):.2f}-{max(bare):.2f}); wall "
+          f"{statistics.median(r['wall'] for r in floor):.2f} s")
 
 
 if __name__ == "__main__":
