@@ -123,6 +123,7 @@ from sqlalchemy.engine import Engine
 def signal_once(conn, cursor, statement, *args):
     if "_alembic_tmp_" in statement and not os.environ.get("SIGNALLED"):
         os.environ["SIGNALLED"] = "1"
+        open("signalled", "w").close()  # for the test's message: the signal was sent
         os.kill(os.getpid(), signal.{name})
 
 {then}
@@ -133,6 +134,7 @@ TRAIN = f"sys.argv = ['harness.train', {DIGITS!r}, *{TINY!r}, '--quiet']; runpy.
 def _signalled_in_migration(tmp_path: Path, name: str, when: str = "before", then: str = TRAIN):
     code = SIGNAL_IN_MIGRATION.format(name=name, when=when, then=then)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("SIGNALLED", None)
     return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, text=True, capture_output=True,
                           timeout=300)
 
@@ -140,7 +142,8 @@ def _signalled_in_migration(tmp_path: Path, name: str, when: str = "before", the
 @pytest.mark.parametrize("name", ["SIGKILL", "SIGTERM", "SIGINT"])
 def test_a_kill_while_a_command_creates_a_fresh_store_leaves_none_and_the_next_command_makes_it(tmp_path, name):
     first = _signalled_in_migration(tmp_path, name)
-    assert first.returncode != 0, first.stderr[-3000:]
+    assert first.returncode != 0, (f"signal sent: {(tmp_path / 'signalled').exists()}; stdout: "
+                                   f"{first.stdout[-1500:]}; stderr: {first.stderr[-3000:]}")
     assert not (tmp_path / "mlflow.db").exists()  # no store rather than half of one
     uri = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     again = run_cli("harness.train", DIGITS, *TINY, "--quiet", cwd=tmp_path, env=uri)
