@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -135,8 +136,10 @@ def _signalled_in_migration(tmp_path: Path, name: str, when: str = "before", the
     code = SIGNAL_IN_MIGRATION.format(name=name, when=when, then=then)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env.pop("SIGNALLED", None)
+    # A shell's background job (CI started with '&') inherits SIGINT ignored, and Python keeps it so: the
+    # command starts as under a terminal, where Ctrl-C is SIGINT.
     return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, text=True, capture_output=True,
-                          timeout=300)
+                          timeout=300, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.parametrize("name", ["SIGKILL", "SIGTERM", "SIGINT"])
