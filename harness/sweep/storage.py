@@ -179,9 +179,13 @@ def _lock_file(url: str | None) -> Path | None:
     return Path(db).with_name(Path(db).name + ".harness-lock") if db and db != ":memory:" else None
 
 
+def _backend(url: str) -> str:
+    """``postgresql`` for ``postgresql+psycopg2://...``: the database a URL names, without its driver."""
+    return url.split("+", 1)[0].split(":", 1)[0]
+
+
 def _lock_database(url: str | None) -> bool:
-    return optuna_storage_kind(url) == "rdb" and bool(url) and \
-        url.split("+", 1)[0].split(":", 1)[0] in ("postgresql", "postgres", "mysql")
+    return optuna_storage_kind(url) == "rdb" and bool(url) and _backend(url) in ("postgresql", "postgres", "mysql")
 
 
 def locks_across_processes(url: str | None) -> bool:
@@ -222,7 +226,7 @@ def _db_lock(url: str) -> Iterator[None]:
         # PostgreSQL: one connection kept for the lock (a new one is a server process forked and
         # authenticated, ~10 ms a trial), checked before each use, closed when its session could still
         # hold the lock (dbretry.pg_advisory_lock). Elsewhere a connection per lock.
-        pooled = url.split("+", 1)[0].split(":", 1)[0] in ("postgresql", "postgres")
+        pooled = _backend(url) in ("postgresql", "postgres")
         engine = _LOCK_ENGINES[url] = sqlalchemy.create_engine(url, pool_size=1, pool_pre_ping=True) if pooled \
             else sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
     if engine.dialect.name == "postgresql":  # type: ignore[attr-defined]

@@ -1,5 +1,5 @@
 """The Optuna side of a sweep: the study, the trial slots that several workers share, stale trials of
-dead workers, and the ranking of finished trials. No MLflow here (``harness.sweep.parent`` and
+dead workers, the heartbeat of a running trial, and the ranking of finished trials. No MLflow here (``harness.sweep.parent`` and
 ``harness.sweep.worker`` link the two).
 
 What counts toward ``--n-trials``: trials that finished with a result, COMPLETE and PRUNED (a diverged

@@ -249,7 +249,7 @@ def run_trial(ctx: Context, trial: optuna.Trial) -> Outcome:
             state = told.state
         tagged.wait()
     finally:
-        tagged.settle(quietly=True)  # only when Optuna's side raised: its error is the one to report
+        tagged.settle(quietly=True)  # the thread let go; if Optuna's side raised, its error is the one to report
     if run_id and not mlflow_gone and state != planned:
         tag_run(state)  # the state the trial really ended in
     if state == TrialState.FAIL and (retry_params or reason == "interrupted"):
